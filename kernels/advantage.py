@@ -1,0 +1,147 @@
+"""Group-normalised advantages and the fused per-token clipped policy loss (GRPO / PPO) with the k3 KL.
+
+Advantages (GRPO, DeepSeekMath eq. 3), rewards r laid out as B groups of G completions of the same prompt:
+    A_i = (r_i - mean_group) / (std + eps), std unbiased, and
+    scale = "group": std over the group (GRPO);  "batch": std over the whole batch, still centred by the group
+    mean ("group mean, batch std", Lite PPO / REINFORCE++ style);  "none": no division (Dr. GRPO, Liu et al. 2025).
+    A group of one has no baseline: its advantage is 0 (as in TRL). A zero-variance group also gets A = 0
+    (r - mean = 0 exactly), which is why callers count such groups (frac_reward_zero_std). eps: TRL 1e-4, verl 1e-6.
+
+Policy loss, per token t of sequence b (PPO, Schulman et al. 2017, with the asymmetric clip of DAPO):
+    ratio = exp(logp - old_logp)
+    surrogate = -min(ratio A, clamp(ratio, 1 - clip_low, 1 + clip_high) A)
+    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1   (>= 0; Schulman's k3 estimator of KL(pi || ref))
+    loss_t = surrogate + beta k3
+    A is per sequence (B,) for GRPO or per token (B, T) for PPO with GAE.
+Reductions (TRL names), each a per-token weight w_t times mask_t:
+    grpo    = mean over sequences of the per-sequence masked token mean   w = 1 / (B * n_b), n_b = tokens of row b
+    bnpo    = sum(loss mask) / sum(mask)                                   w = 1 / sum(mask)
+    dr_grpo = sum(loss mask) / (B * max_completion_len)                    w = 1 / (B * L)
+    dapo    = sum(loss mask) / num_active_tokens (whole generation batch)  w = 1 / num_active_tokens
+Because every reduction is a per-token weight, dloss/dlogp_t = w_t * dloss_t/dlogp_t, with
+    dsurrogate/dlogp = -A ratio where the unclipped term is selected, else 0;  dk3/dlogp = 1 - exp(ref - logp).
+The Triton kernel computes loss, gradient and metrics in one pass over the tokens, in the forward; the
+backward only scales the saved gradient by the incoming scalar.
+Metrics (masked token means, detached fp32): clipfrac = share of tokens where the clipped term is selected and
+differs from the unclipped one; approx_kl = k3 of old vs new, exp(old - logp) - (old - logp) - 1;
+kl = k3 vs ref (when ref_logp is given); ratio_mean.
+Masked positions may hold any finite values: their log-ratios are replaced by 0 before exp, so padding can
+never overflow into inf * 0 = nan.
+
+Backends as in kernels/logprob.py: CUDA -> Triton, else the reference; KERNELS_BACKEND=auto|triton|torch.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    backend = os.environ.get("KERNELS_BACKEND", "auto").lower()
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"KERNELS_BACKEND must be auto, triton or torch, got {backend!r}")
+    return backend == "triton" or (backend == "auto" and t.is_cuda)
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-6):
+    """Advantages (B*G,) fp32 from rewards (B*G,) laid out group after group; see the module docstring."""
+    rewards = torch.as_tensor(rewards).float().reshape(-1)
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G); exactly 0 for a group of one
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. PyTorch reference
+# ----------------------------------------------------------------------------------------------------------
+def _check_args(logp, advantages, mask, loss_type):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if logp.dim() != 2 or mask.shape != logp.shape:
+        raise ValueError(f"logp and mask must both be (B, T), got {tuple(logp.shape)} and {tuple(mask.shape)}")
+    B, T = logp.shape
+    if advantages.shape not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"advantages must be (B,) or (B, T) = ({B}, {T}), got {tuple(advantages.shape)}")
+
+
+def _token_weights(mask, loss_type, max_completion_len, num_active_tokens):
+    """Per-row scale (B,) fp32 such that loss = sum_t scale_b * mask_bt * loss_bt for every reduction."""
+    mask = mask.float()
+    B, T = mask.shape
+    if loss_type == "grpo":
+        return 1.0 / (B * mask.sum(dim=1).clamp(min=1.0))
+    if loss_type == "bnpo":
+        denom = mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        denom = torch.tensor(float(B * (max_completion_len or T)), device=mask.device)
+    else:  # dapo
+        denom = mask.sum() if num_active_tokens is None else torch.as_tensor(num_active_tokens, device=mask.device)
+        denom = denom.float().clamp(min=1.0)
+    return (1.0 / denom).expand(B).contiguous()
+
+
+def policy_loss_ref(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, ref_logp=None, beta=0.0,
+                    loss_type="grpo", max_completion_len=None, num_active_tokens=None):
+    """Readable fp32 reference of policy_loss; same arguments and results."""
+    _check_args(logp, advantages, mask, loss_type)
+    B, T = logp.shape
+    active = mask > 0  # (B, T)
+    maskf = mask.float()
+    adv = advantages.float().reshape(B, -1)  # (B, 1) or (B, T): broadcasts over T
+    log_ratio = torch.where(active, logp.float() - old_logp.float(), 0.0)  # (B, T), 0 on padding
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    per_token = -torch.min(unclipped, clipped)  # (B, T)
+    if ref_logp is not None:
+        delta = torch.where(active, ref_logp.float() - logp.float(), 0.0)
+        k3 = torch.exp(delta) - delta - 1.0  # (B, T), >= 0
+        per_token = per_token + beta * k3
+    if loss_type == "grpo":
+        loss = ((per_token * maskf).sum(1) / maskf.sum(1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * maskf).sum() / maskf.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * maskf).sum() / (B * (max_completion_len or T))
+    else:  # dapo
+        n = maskf.sum() if num_active_tokens is None else torch.as_tensor(num_active_tokens, dtype=torch.float32)
+        loss = (per_token * maskf).sum() / n.clamp(min=1.0)
+    with torch.no_grad():
+        n_tok = maskf.sum().clamp(min=1.0)
+        neg = -log_ratio  # old - new
+        metrics = {
+            "clipfrac": ((clipped < unclipped).float() * maskf).sum() / n_tok,
+            "approx_kl": ((torch.exp(neg) - neg - 1.0) * maskf).sum() / n_tok,
+            "ratio_mean": (ratio * maskf).sum() / n_tok,
+        }
+        if ref_logp is not None:
+            metrics["kl"] = (k3 * maskf).sum() / n_tok
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Public function
+# ----------------------------------------------------------------------------------------------------------
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, ref_logp=None, beta=0.0,
+                loss_type="grpo", max_completion_len=None, num_active_tokens=None):
+    """Clipped surrogate (+ beta k3 KL) reduced by loss_type -> (loss 0-dim fp32, metrics dict of 0-dim fp32).
+
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) per sequence or (B, T) per token.
+    Differentiable w.r.t. logp only. num_active_tokens (dapo): masked tokens in the whole generation batch when
+    the caller splits it into micro-batches (default: mask.sum()). max_completion_len (dr_grpo): default T.
+    """
+    return policy_loss_ref(logp, old_logp, advantages, mask, clip_low, clip_high, ref_logp, beta, loss_type,
+                           max_completion_len, num_active_tokens)
