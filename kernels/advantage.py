@@ -133,6 +133,100 @@ def policy_loss_ref(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 2. Triton kernel: one pass over the B*T tokens (flattened, on grid axis 0, never T on axis 1/2), computing
+#    the weighted loss, its gradient w.r.t. logp and the metric sums. Each program writes its partial sums to
+#    its own row of a small buffer that torch then sums: deterministic, no atomics. Hyper-parameters are
+#    constexpr (a Python float runtime argument would become fp64 under torch.compile).
+# ----------------------------------------------------------------------------------------------------------
+N_SUMS = 6  # weighted loss, clipped tokens, approx_kl, kl, ratio, mask
+
+
+@triton.jit
+def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, scale_ptr, dlogp_ptr, part_ptr,
+                        n_tokens, T, CLIP_LOW: tl.constexpr, CLIP_HIGH: tl.constexpr, BETA: tl.constexpr,
+                        HAS_REF: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n_tokens
+    row = offs // T
+    mask = tl.load(mask_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    active = mask > 0
+    logp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    if ADV_PER_TOKEN:
+        adv = tl.load(adv_ptr + offs, mask=inb, other=0.0)
+    else:
+        adv = tl.load(adv_ptr + row, mask=inb, other=0.0)
+    w = mask * tl.load(scale_ptr + row, mask=inb, other=0.0)  # reduction weight of each token
+
+    log_ratio = tl.where(active, logp - old, 0.0)  # 0 on padding: exp never overflows there
+    ratio = tl.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = tl.minimum(tl.maximum(ratio, 1.0 - CLIP_LOW), 1.0 + CLIP_HIGH) * adv
+    loss = -tl.minimum(unclipped, clipped)
+    # d(-min)/dlogp: -A ratio where the unclipped term is selected (ties: both terms have that slope), else 0
+    dloss = tl.where(unclipped <= clipped, -adv * ratio, 0.0)
+    k3 = tl.zeros_like(loss)
+    if HAS_REF:
+        delta = tl.where(active, tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32) - logp, 0.0)
+        exp_delta = tl.exp(delta)
+        k3 = exp_delta - delta - 1.0
+        loss += BETA * k3
+        dloss += BETA * (1.0 - exp_delta)
+    tl.store(dlogp_ptr + offs, w * dloss, mask=inb)
+
+    neg = -log_ratio  # k3 of old vs new for approx_kl
+    part = part_ptr + pid.to(tl.int64) * 6
+    tl.store(part + 0, tl.sum(w * loss, axis=0))
+    tl.store(part + 1, tl.sum(tl.where(clipped < unclipped, mask, 0.0), axis=0))
+    tl.store(part + 2, tl.sum(mask * (tl.exp(neg) - neg - 1.0), axis=0))
+    tl.store(part + 3, tl.sum(mask * k3, axis=0))
+    tl.store(part + 4, tl.sum(mask * ratio, axis=0))
+    tl.store(part + 5, tl.sum(mask, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Launcher. BLOCK is a module setting so tests can shrink it and get several programs under the interpreter.
+# ----------------------------------------------------------------------------------------------------------
+BLOCK = 1024
+
+
+def _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, row_scale, clip_low, clip_high, beta):
+    """-> dloss/dlogp (B, T) fp32, weighted loss (0-dim) and the metric sums (N_SUMS - 1,)."""
+    B, T = logp.shape
+    n = B * T
+    dlogp = torch.empty((B, T), device=logp.device, dtype=torch.float32)
+    grid = max(triton.cdiv(n, BLOCK), 1)
+    partial = torch.zeros((grid, N_SUMS), device=logp.device, dtype=torch.float32)
+    if n > 0:
+        per_token = advantages.dim() == 2 and advantages.shape[1] == T
+        _policy_loss_kernel[(grid,)](logp, old_logp, logp if ref_logp is None else ref_logp, advantages, mask,
+                                     row_scale, dlogp, partial, n, T, CLIP_LOW=float(clip_low),
+                                     CLIP_HIGH=float(clip_high), BETA=float(beta), HAS_REF=ref_logp is not None,
+                                     ADV_PER_TOKEN=per_token, BLOCK=BLOCK, num_warps=4)
+    return dlogp, partial[:, 0].sum(), partial[:, 1:].sum(dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Autograd Function: the gradient is computed in the forward, the backward scales it.
+# ----------------------------------------------------------------------------------------------------------
+class _PolicyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old_logp, ref_logp, advantages, mask, row_scale, clip_low, clip_high, beta):
+        dlogp, loss, sums = _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, row_scale, clip_low,
+                                             clip_high, beta)
+        ctx.save_for_backward(dlogp)
+        ctx.logp_dtype = logp.dtype
+        ctx.mark_non_differentiable(sums)
+        return loss, sums
+
+    @staticmethod
+    def backward(ctx, g_loss, g_sums):
+        (dlogp,) = ctx.saved_tensors
+        return (dlogp * g_loss).to(ctx.logp_dtype), None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 5. Public function
 # ----------------------------------------------------------------------------------------------------------
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, ref_logp=None, beta=0.0,
@@ -143,5 +237,20 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, r
     Differentiable w.r.t. logp only. num_active_tokens (dapo): masked tokens in the whole generation batch when
     the caller splits it into micro-batches (default: mask.sum()). max_completion_len (dr_grpo): default T.
     """
-    return policy_loss_ref(logp, old_logp, advantages, mask, clip_low, clip_high, ref_logp, beta, loss_type,
-                           max_completion_len, num_active_tokens)
+    if not _use_triton(logp):
+        return policy_loss_ref(logp, old_logp, advantages, mask, clip_low, clip_high, ref_logp, beta, loss_type,
+                               max_completion_len, num_active_tokens)
+    _check_args(logp, advantages, mask, loss_type)
+    B, T = logp.shape
+    row_scale = _token_weights(mask, loss_type, max_completion_len, num_active_tokens)  # (B,)
+    adv = advantages.float().reshape(B, -1).contiguous()  # (B, 1) or (B, T)
+    adv = adv.reshape(B) if adv.shape[1] == 1 else adv
+    maskf = (mask if mask.is_floating_point() else mask.float()).contiguous()
+    loss, sums = _PolicyLoss.apply(logp.contiguous(), old_logp.detach().contiguous(),
+                                   None if ref_logp is None else ref_logp.detach().contiguous(), adv, maskf,
+                                   row_scale, clip_low, clip_high, beta)
+    n_tok = sums[4].clamp(min=1.0)
+    metrics = {"clipfrac": sums[0] / n_tok, "approx_kl": sums[1] / n_tok, "ratio_mean": sums[3] / n_tok}
+    if ref_logp is not None:
+        metrics["kl"] = sums[2] / n_tok
+    return loss, metrics
