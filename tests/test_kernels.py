@@ -1,0 +1,280 @@
+"""Triton kernels vs the fp32 PyTorch references, forward and backward, on irregular shapes.
+
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below before the kernels are
+decorated) on CPU tensors; with a GPU the same tests run the compiled kernels on CUDA tensors. Block sizes are
+shrunk so that every row spans several vocabulary blocks with a ragged tail.
+    TRITON_INTERPRET=1 KERNELS_BACKEND=triton .venv/bin/python -m pytest tests/test_kernels.py
+"""
+import importlib
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kernels.advantage as adv_mod  # noqa: E402
+import kernels.logprob as lp_mod  # noqa: E402
+
+# another test module may have imported the kernels before TRITON_INTERPRET was set: decorate them again
+if not torch.cuda.is_available() and "Interpreted" not in type(lp_mod._logprob_fwd_kernel).__name__:
+    lp_mod, adv_mod = importlib.reload(lp_mod), importlib.reload(adv_mod)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOW_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+           torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    monkeypatch.setattr(lp_mod, "BLOCK_V", 256)
+    monkeypatch.setattr(adv_mod, "BLOCK", 64)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(N, V, dtype, seed=0, scale=3.0):
+    x = torch.randn(N, V, generator=_gen(seed)) * scale
+    return x.to(DEVICE, dtype)
+
+
+# ---------------------------------------------------------------- token_logprobs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,V,temperature", [(37, 1000, 1.0), (19, 4099, 0.7), (3, 17, 1.3)])
+def test_token_logprobs_forward_backward_with_entropy(dtype, N, V, temperature):
+    x = _logits(N, V, dtype, seed=V).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=_gen(1)).to(DEVICE)
+    g, g_h = torch.randn(N, generator=_gen(2)).to(DEVICE), torch.randn(N, generator=_gen(3)).to(DEVICE)
+    logp, ent = lp_mod.token_logprobs(x, y, temperature, return_entropy=True)
+    (logp * g + ent * g_h).sum().backward()
+    assert logp.dtype == ent.dtype == torch.float32 and x.grad.dtype == dtype
+    # fp32 gold on the very same (rounded) inputs
+    x32 = x.detach().float().requires_grad_()
+    logp_ref, ent_ref = lp_mod.token_logprobs_ref(x32, y, temperature, return_entropy=True)
+    (logp_ref * g + ent_ref * g_h).sum().backward()
+    # the kernel accumulates in fp32 whatever the input dtype: forward is fp32-accurate
+    torch.testing.assert_close(logp, logp_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ent_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.float(), x32.grad, **LOW_TOL[dtype])
+    if dtype != torch.float32:
+        # Liger-style: low-precision eager torch vs the same gold; the kernel must not be worse by much
+        xl = x.detach().clone().requires_grad_()
+        ls = torch.log_softmax(xl / temperature, dim=-1)
+        logp_low = ls.gather(-1, y[:, None]).squeeze(-1)
+        ent_low = -(ls.exp() * ls).sum(-1)
+        (logp_low.float() * g + ent_low.float() * g_h).sum().backward()
+        err_kernel = (x.grad.float() - x32.grad).abs().max()
+        err_torch = (xl.grad.float() - x32.grad).abs().max()
+        assert err_kernel <= 1.5 * err_torch + 1e-6, (err_kernel, err_torch)
+        assert (logp - logp_ref).abs().max() <= (logp_low.float() - logp_ref).abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_peaked_logits_target_gradient(dtype):
+    """p_target = 0.999: the target's gradient g (1 - p) must not cancel in bf16 (it does if p is rounded first)."""
+    N, V = 5, 1000
+    big = math.log(0.999 * (V - 1) / 0.001)  # logit that gives the target p = 0.999 against V-1 zeros
+    y = torch.arange(N) * 7 % V
+    x = torch.zeros(N, V)
+    x[torch.arange(N), y] = big
+    x = x.to(DEVICE, dtype).requires_grad_()
+    y = y.to(DEVICE)
+    lp_mod.token_logprobs(x, y).sum().backward()
+    x32 = x.detach().float().requires_grad_()
+    lp_mod.token_logprobs_ref(x32, y).sum().backward()
+    rows = torch.arange(N, device=DEVICE)
+    gold = x32.grad[rows, y]  # 1 - p_y, about 1e-3
+    assert gold.abs().min() > 5e-4
+    rel = ((x.grad.float()[rows, y] - gold) / gold).abs().max()
+    assert rel < 1e-2, rel  # one bf16 rounding of the result: < 0.4%
+    # what the test guards against: p rounded to bf16, then 1 - p formed
+    p_low = torch.softmax(x32, -1).to(torch.bfloat16)[rows, y]
+    naive = (1.0 - p_low.float())
+    if dtype == torch.bfloat16:
+        assert ((naive - gold) / gold).abs().max() > 0.1
+
+
+def test_entropy_only_backward_and_leading_dims_noncontiguous():
+    B, T, V = 3, 8, 777
+    full = torch.randn(B, T + 1, V, generator=_gen(5)).to(DEVICE).requires_grad_()
+    x = full[:, :-1]  # (B, T, V), not contiguous as a whole
+    y = torch.randint(0, V, (B, T), generator=_gen(6)).to(DEVICE)
+    logp, ent = lp_mod.token_logprobs(x, y, return_entropy=True)
+    assert logp.shape == ent.shape == (B, T)
+    ent.sum().backward()  # logp unused: its gradient is None inside the Function
+    grad = full.grad.clone()
+    full.grad = None
+    _, ent_ref = lp_mod.token_logprobs_ref(full[:, :-1], y, return_entropy=True)
+    ent_ref.sum().backward()
+    torch.testing.assert_close(ent, ent_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, full.grad, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- linear_token_logprobs
+def _linear_case(dtype, N=37, H=48, V=1000, seed=7):
+    h = torch.randn(N, H, generator=_gen(seed)).to(DEVICE, dtype)
+    w = (torch.randn(V, H, generator=_gen(seed + 1)) * 0.3).to(DEVICE, dtype)
+    y = torch.randint(0, V, (N,), generator=_gen(seed + 2)).to(DEVICE)
+    g = torch.randn(N, generator=_gen(seed + 3)).to(DEVICE)
+    return h, w, y, g
+
+
+def _linear_grads(fn, h, w, y, g, **kw):
+    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logp = fn(h, w, y, 0.8, **kw)
+    (logp * g).sum().backward()
+    return logp.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk_size", [8, 37, 100])
+def test_linear_token_logprobs_fp32_and_chunk_independence(chunk_size):
+    h, w, y, g = _linear_case(torch.float32)
+    got = _linear_grads(lp_mod.linear_token_logprobs, h, w, y, g, chunk_size=chunk_size)
+    ref = _linear_grads(lp_mod.linear_token_logprobs_ref, h, w, y, g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    one_chunk = _linear_grads(lp_mod.linear_token_logprobs, h, w, y, g, chunk_size=4096)
+    for a, b in zip(got, one_chunk):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # summation order only
+
+
+def test_linear_token_logprobs_bf16_vs_gold():
+    h, w, y, g = _linear_case(torch.bfloat16, V=4099)
+    got = _linear_grads(lp_mod.linear_token_logprobs, h, w, y, g, chunk_size=16)
+    gold = _linear_grads(lp_mod.linear_token_logprobs_ref, h.float(), w.float(), y, g)
+
+    def eager_bf16(h, w, y, t):  # what a bf16 model + log_softmax would compute
+        return torch.log_softmax((h @ w.t()) / t, -1).gather(-1, y[:, None]).squeeze(-1).float()
+    low = _linear_grads(eager_bf16, h, w, y, g)
+    for a, b, c in zip(got, gold, low):
+        assert a.dtype == c.dtype
+        err_kernel, err_torch = (a.float() - b).abs().max(), (c.float() - b).abs().max()
+        assert err_kernel <= 1.5 * err_torch + 1e-3, (err_kernel, err_torch)
+        torch.testing.assert_close(a.float(), b, atol=0.1, rtol=0.05)
+
+
+# ---------------------------------------------------------------- group_advantages
+def test_group_advantages_scales():
+    r = torch.tensor([1.0, 0.0, 1.0, 2.0, 2.0, 2.0, 0.0, 3.0, 0.5])  # 3 groups of 3; the middle one constant
+    g = r.view(3, 3)
+    centred = g - g.mean(1, keepdim=True)
+    adv = adv_mod.group_advantages(r, 3, scale="group", eps=1e-6)
+    torch.testing.assert_close(adv, (centred / (g.std(1, keepdim=True) + 1e-6)).reshape(-1))
+    torch.testing.assert_close(adv[3:6], torch.zeros(3))  # zero variance -> 0, not nan
+    torch.testing.assert_close(adv_mod.group_advantages(r, 3, scale="batch", eps=1e-4),
+                               (centred / (r.std() + 1e-4)).reshape(-1))
+    torch.testing.assert_close(adv_mod.group_advantages(r, 3, scale="none"), centred.reshape(-1))
+    assert adv.dtype == torch.float32
+
+
+def test_group_advantages_group_of_one_and_bad_size():
+    for scale in ("group", "batch", "none"):
+        torch.testing.assert_close(adv_mod.group_advantages(torch.tensor([3.0, -1.0]), 1, scale=scale), torch.zeros(2))
+    with pytest.raises(ValueError):
+        adv_mod.group_advantages(torch.ones(7), 3)
+
+
+# ---------------------------------------------------------------- policy_loss
+def _policy_case(per_token, B=5, T=29, seed=11):
+    lp = (torch.randn(B, T, generator=_gen(seed)) * 0.3 - 1.0).to(DEVICE)
+    old = lp + 0.3 * torch.randn(B, T, generator=_gen(seed + 1)).to(DEVICE)
+    ref = lp + 0.2 * torch.randn(B, T, generator=_gen(seed + 2)).to(DEVICE)
+    mask = (torch.rand(B, T, generator=_gen(seed + 3)) > 0.3).to(DEVICE)
+    mask[1] = False  # an empty sequence
+    old[~mask] = -1e4  # padding holds garbage that would overflow exp(logp - old)
+    adv = torch.randn((B, T) if per_token else (B,), generator=_gen(seed + 4)).to(DEVICE)
+    return lp, old, ref, mask, adv
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_policy_loss_matches_reference(loss_type, with_ref, per_token):
+    lp, old, ref, mask, adv = _policy_case(per_token)
+    kw = dict(clip_low=0.2, clip_high=0.28, ref_logp=ref if with_ref else None, beta=0.04 if with_ref else 0.0,
+              loss_type=loss_type, max_completion_len=40 if loss_type == "dr_grpo" else None,
+              num_active_tokens=500 if loss_type == "dapo" else None)
+    results = []
+    for fn in (adv_mod.policy_loss, adv_mod.policy_loss_ref):
+        x = lp.clone().requires_grad_()
+        loss, metrics = fn(x, old, adv, mask, **kw)
+        loss.backward()
+        results.append((loss.detach(), x.grad, metrics))
+    (loss, grad, m), (loss_ref, grad_ref, m_ref) = results
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-7, rtol=1e-5)
+    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()  # masked tokens: exactly zero gradient
+    assert set(m) == set(m_ref) == ({"clipfrac", "approx_kl", "ratio_mean"} | ({"kl"} if with_ref else set()))
+    for k in m:
+        assert m[k].dtype == torch.float32 and m[k].dim() == 0 and not m[k].requires_grad
+        torch.testing.assert_close(m[k], m_ref[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_policy_loss_hand_built_clipfrac_and_gradient(backend, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", backend)
+    ratios = torch.tensor([1.0, 1.5, 0.5, 1.1])
+    old = torch.zeros(2, 4, device=DEVICE)
+    lp = torch.log(ratios).repeat(2, 1).to(DEVICE).requires_grad_()
+    adv = torch.tensor([1.0, -1.0], device=DEVICE)
+    loss, m = adv_mod.policy_loss(lp, old, adv, torch.ones(2, 4, device=DEVICE), 0.2, 0.2, loss_type="bnpo")
+    loss.backward()
+    # A = +1 clips at r = 1.5 (> 1.2); A = -1 clips at r = 0.5 (< 0.8): 2 of 8 tokens
+    torch.testing.assert_close(m["clipfrac"], torch.tensor(0.25, device=DEVICE))
+    # selected terms: row 0: min(r, clamp(r)) = [1, 1.2, 0.5, 1.1]; row 1: -min(-r, -clamp(r)) -> [1, 1.5, 0.8, 1.1]
+    torch.testing.assert_close(loss, torch.tensor((-(1 + 1.2 + 0.5 + 1.1) + (1 + 1.5 + 0.8 + 1.1)) / 8, device=DEVICE))
+    expected = torch.tensor([[-1.0, 0.0, -0.5, -1.1], [1.0, 1.5, 0.0, 1.1]], device=DEVICE) / 8  # -A r / 8 or 0
+    torch.testing.assert_close(lp.grad, expected)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_policy_loss_first_step_golden(backend, monkeypatch):
+    """Before any update logp == old_logp: ratio exactly 1, approx_kl 0, clipfrac 0; with ref == logp, kl 0."""
+    monkeypatch.setenv("KERNELS_BACKEND", backend)
+    lp, _, _, mask, adv = _policy_case(False)
+    loss, m = adv_mod.policy_loss(lp.clone().requires_grad_(), lp, adv, mask, ref_logp=lp, beta=0.1)
+    assert m["ratio_mean"].item() == 1.0 and m["approx_kl"].item() == 0.0
+    assert m["clipfrac"].item() == 0.0 and m["kl"].item() == 0.0
+    n = mask.float().sum(1).clamp(min=1)
+    torch.testing.assert_close(loss, (-(adv * mask.float().sum(1) / n)).mean())
+
+
+def test_policy_loss_rejects_bad_arguments():
+    lp = torch.zeros(2, 3, device=DEVICE)
+    with pytest.raises(ValueError):
+        adv_mod.policy_loss(lp, lp, torch.zeros(2), torch.ones(2, 3, device=DEVICE), loss_type="sum")
+    with pytest.raises(ValueError):
+        adv_mod.policy_loss(lp, lp, torch.zeros(3), torch.ones(2, 3, device=DEVICE))
+
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError):
+        lp_mod.token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    monkeypatch.setenv("KERNELS_BACKEND", "auto")
+    assert lp_mod._use_triton(torch.zeros(1, device=DEVICE)) == (DEVICE == "cuda")
+
+
+# ---------------------------------------------------------------- GPU only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_large_vocab_memory_and_values(monkeypatch):
+    monkeypatch.setattr(lp_mod, "BLOCK_V", 4096)
+    N, V = 4096, 151936  # V not a multiple of the block
+    x = (torch.randn(N, V, device="cuda") * 4).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, V, (N,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    logp = lp_mod.token_logprobs(x, y)
+    logp.sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 1.2 * N * V * 2  # the bf16 gradient and a little, never an fp32 [N, V]
+    ref = torch.cat([lp_mod.token_logprobs_ref(x[i:i + 512].detach(), y[i:i + 512]) for i in range(0, N, 512)])
+    torch.testing.assert_close(logp, ref, atol=1e-4, rtol=1e-5)
