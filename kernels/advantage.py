@@ -46,6 +46,9 @@ def _use_triton(t: torch.Tensor) -> bool:
     return backend == "triton" or (backend == "auto" and t.is_cuda)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 0. Group advantages: B*G numbers per step, so plain PyTorch on any device (a kernel would only add a launch).
+# ----------------------------------------------------------------------------------------------------------
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
     """Advantages (B*G,) fp32 from rewards (B*G,) laid out group after group; see the module docstring."""
     rewards = torch.as_tensor(rewards).float().reshape(-1)

@@ -167,7 +167,6 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.save_for_backward(logits, targets, lse, mean_z)
         ctx.temperature = temperature
         ctx.set_materialize_grads(False)  # a None gradient (entropy unused) skips that term
-        ctx.mark_non_differentiable(lse)
         return (logp, ent) if return_entropy else logp
 
     @staticmethod
@@ -233,8 +232,9 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 def token_logprobs(logits, targets, temperature=1.0, return_entropy=False):
     """log p(targets) (fp32, shape of targets) under softmax(logits / temperature), optionally with the entropy.
 
-    logits: (..., V) in fp32, bf16 or fp16; targets: (...) integer ids in [0, V). Differentiable w.r.t. logits
-    (through the entropy too); the gradient comes back in the logits' dtype.
+    logits: (..., V) in fp32, bf16 or fp16; targets: (...) integer ids in [0, V) (no ignore index: mask the
+    result instead). Differentiable w.r.t. logits (through the entropy too); the gradient comes back in the
+    logits' dtype. Returns logp (...) fp32, or (logp, entropy) when return_entropy.
     """
     if not _use_triton(logits):
         return token_logprobs_ref(logits, targets, temperature, return_entropy)
