@@ -1,0 +1,297 @@
+"""Supervised fine-tuning for self-aware tool use: SMART-ER-style reasoning chains, MinPrompt data selection.
+
+Papers: SMART: Self-Aware Agent for Tool Overuse Mitigation (Qian et al., 2025, arXiv 2502.11435);
+MinPrompt: Graph-based Minimal Prompt Data Augmentation for Few-shot QA (Chen et al.).
+The objective is next-token NLL on assistant tokens only, through the model's own chat template; the same script is
+the cold start of the RL scripts and the distillation stage of RM-R1 (any JSONL of `{"messages": [...]}` rows).
+
+Differences from the papers, and why:
+1. Data: our own generated SMART-ER-style chains (data/make_smart_er.py) in two domains where the embedded
+   SmolLM2-135M's knowledge boundary is real: arithmetic (one digit: reason; harder: the Code tool) and facts (well
+   known: answer; obscure: the Search tool). SMART-ER has Math, Time and Intention (AskUser) domains.
+2. Tool outputs are separate `tool` chat turns (loss_mask 0) instead of text spliced into one assistant message, so
+   a chain with k tool calls is one row with k+1 assistant turns rather than k+1 training pairs; the loss covers
+   the same target tokens.
+3. MinPrompt selects sentences of raw text and then generates QA pairs from them (loss L_orig + lambda * L_aug). We
+   apply its greedy minimum dominating set to the training rows themselves: rows are nodes, an edge joins two rows
+   whose user turns share an entity, and a regex (numbers, capitalised words not opening a sentence) stands in for
+   the paper's NER. The selected rows are the training set; there is no augmentation loss.
+4. Tool-decision accuracy (our evaluation): greedy decoding of the first assistant turn on held-out questions; a
+   tool call is the `(tool: ...)` marker or a `Code:`/`Search:` request line. No tool is executed.
+
+Usage (from the repository root):
+    python algos/sft.py                                   # SmolLM2-135M on data/smart_er_train.jsonl
+    python algos/sft.py --select dominating_set           # MinPrompt-style data selection first
+    python algos/sft.py --model tiny --max-steps 5        # smoke run, seconds
+    python algos/sft.py --train-file my.jsonl --eval-file "" --model Qwen/Qwen2.5-0.5B-Instruct
+Expected at the defaults (SmolLM2-135M, 2-core CPU): held-out loss falls several-fold and the tool decision on
+unseen questions goes from the base model's "never call a tool" to mostly right; README.md has the measured figures.
+"""
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python algos/sft.py` finds algos/ and kernels/
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from algos.model import (RunLogger, Rollout, arg, collate, generate, load_model, parse_args,  # noqa: E402
+                         save_checkpoint, sequence_logprobs, start_rollouts, encode_chat)
+
+
+@dataclass
+class Args:
+    exp_name: str = arg("sft", "experiment name; the run folder is runs/<exp_name>__<seed>__<unix time>")
+    seed: int = arg(1, "seed of random, numpy and torch")
+    model: str = arg("smollm2-135m", "smollm2-135m (embedded), tiny (random, for tests), a hub id or a local folder")
+    train_file: str = arg("data/smart_er_train.jsonl", "JSONL file or hub dataset of {'messages': [...]} rows")
+    eval_file: str = arg("data/smart_er_test.jsonl", "held-out rows for the loss and the tool decision ('' = none)")
+    select: str = arg("all", "training rows: all | dominating_set (MinPrompt greedy, Chen et al.) | random")
+    select_size: int = arg(0, "with --select random: how many rows (0 = as many as dominating_set picks)")
+    max_len: int = arg(512, "tokens per row; longer rows are cut (their cut-off targets are lost)")
+    batch_size: int = arg(4, "rows per micro-batch")
+    grad_accum: int = arg(1, "micro-batches per optimiser step")
+    max_steps: int = arg(40, "optimiser steps")
+    lr: float = arg(1e-4, "peak learning rate (AdamW)")
+    warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up before the cosine decay to 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    eval_every: int = arg(20, "steps between held-out loss evaluations (and at start and end)")
+    eval_rows: int = arg(32, "held-out rows used for the loss (0 = all)")
+    decision_rows: int = arg(60, "held-out questions for the tool-decision accuracy at start and end (0 = skip)")
+    decision_tokens: int = arg(48, "max new tokens when probing the tool decision")
+    save_every: int = arg(0, "steps between checkpoints (0 = only at the end); each save replaces the last whole")
+    output_dir: str = arg("runs", "where run folders go")
+
+
+# ---------------------------------------------------------------- data: loading and validation
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+def validate_row(row, source, line):
+    """Fail early, naming file, line and field, on a row that cannot be trained on."""
+    def bad(field, why):
+        raise ValueError(f"{source}:{line}: field '{field}': {why}")
+    if not isinstance(row, dict):
+        bad("<row>", "expected a JSON object")
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        bad("messages", "missing or not a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            bad(f"messages[{i}]", "expected an object with 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            bad(f"messages[{i}].role", f"unknown role {m.get('role')!r} (one of {sorted(ROLES)})")
+        if not isinstance(m.get("content"), str):
+            bad(f"messages[{i}].content", "missing or not a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        bad("messages", "no assistant turn: nothing to train on")
+    return row
+
+
+def load_rows(spec):
+    """Rows of a local JSONL file (checked line by line first, so bad JSON names its line) or a hub dataset."""
+    if Path(spec).exists():
+        for line_no, line in enumerate(Path(spec).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{spec}:{line_no}: field '<json>': {e.msg}") from None
+        dataset = load_dataset("json", data_files=str(spec), split="train")
+    else:
+        dataset = load_dataset(spec, split="train")
+    return [validate_row(row, spec, i + 1) for i, row in enumerate(dataset)]
+
+
+# ---------------------------------------------------------------- MinPrompt: greedy minimum dominating set
+def entities(text):
+    """Cheap stand-in for NER: numbers, and capitalised words that do not open a sentence."""
+    found = set()
+    for sentence in re.split(r"(?<=[.?!])\s+", text):
+        words = re.findall(r"[A-Za-z]+|\d+(?:\.\d+)?", sentence)
+        found |= {w.lower() for w in words[1:] if w[0].isupper() or w[0].isdigit()}
+        found |= {w for w in words[:1] if w[0].isdigit()}
+    return found
+
+
+def dominating_set(neighbours):
+    """Greedy approximate minimum dominating set (MinPrompt): pick the remaining node of highest degree, remove it
+    and its neighbours, update degrees, repeat until no node is left. Ties go to the lowest index.
+    `neighbours[i]` is the set of nodes adjacent to i. Returns chosen node ids in the order picked."""
+    remaining, chosen = set(range(len(neighbours))), []
+    while remaining:
+        best = max(sorted(remaining), key=lambda v: len(neighbours[v] & remaining))
+        chosen.append(best)
+        remaining -= neighbours[best] | {best}
+    return chosen
+
+
+def entity_graph(rows):
+    """Rows are nodes; an edge joins two rows whose user turns share an entity."""
+    ents = [entities(" ".join(m["content"] for m in r["messages"] if m["role"] == "user")) for r in rows]
+    by_entity = {}
+    for i, es in enumerate(ents):
+        for e in es:
+            by_entity.setdefault(e, set()).add(i)
+    return [set().union(*(by_entity[e] for e in es)) - {i} if es else set() for i, es in enumerate(ents)]
+
+
+def select_rows(rows, how, size, seed):
+    if how == "all":
+        return rows
+    picked = dominating_set(entity_graph(rows))
+    if how == "dominating_set":
+        return [rows[i] for i in sorted(picked)]
+    if how == "random":  # the paper's baseline: a random subset of the same size
+        return random.Random(seed).sample(rows, size or len(picked))
+    raise ValueError(f"--select must be all, dominating_set or random, not {how!r}")
+
+
+# ---------------------------------------------------------------- objective and evaluation
+def tokenize(tokenizer, rows, max_len):
+    """Each row as a Rollout (ids, loss_mask); rows whose targets are all cut off by max_len are dropped."""
+    out = []
+    for row in rows:
+        ids, mask = encode_chat(tokenizer, row["messages"])
+        ids, mask = ids[:max_len], mask[:max_len]
+        if sum(mask):
+            out.append(Rollout(ids, mask, [0.0] * len(ids), prompt_len=0))
+    return out
+
+
+def nll_sum(model, batch):
+    """Summed next-token NLL over loss_mask tokens (assistant tokens and their end-of-turn), and the token count."""
+    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
+    mask = batch["loss_mask"]
+    return -(logp * mask).sum(), mask.sum()
+
+
+def cosine_lr(step, total, warmup_ratio):
+    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to 0."""
+    warmup = max(1, int(total * warmup_ratio))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def heldout_loss(model, examples, pad_id, batch_size, device):
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id, device)
+        s, n = nll_sum(model, batch)
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def tool_decision(text):
+    """'tool' if the first assistant turn asks for a tool, else 'direct'. Never raises."""
+    if "(tool:" in text or re.search(r"^\s*(Code|Search):", text, re.M):
+        return "tool"
+    return "direct"
+
+
+def decision_accuracy(model, tokenizer, rows, max_new_tokens):
+    """Greedy first assistant turn on each held-out question; right when it calls a tool exactly when the row's
+    knowledge-boundary label (`needs_tool`) says so."""
+    model.eval()
+    prompts = []
+    for row in rows:
+        first = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        prompts.append(row["messages"][:first])
+    rollouts = start_rollouts(tokenizer, prompts)
+    texts = generate(model, tokenizer, rollouts, max_new_tokens, temperature=0,
+                     stop=("(tool:", "(general reasoning)", "### Final Response"), batch_size=32)
+    calls = np.array([tool_decision(t) == "tool" for t in texts])
+    needs = np.array([bool(r.get("needs_tool")) for r in rows])
+    return {"decision_acc": float((calls == needs).mean()), "tool_rate": float(calls.mean()),
+            "acc_needs_tool": float(calls[needs].mean()) if needs.any() else float("nan"),
+            "acc_no_tool": float((~calls[~needs]).mean()) if (~needs).any() else float("nan")}, texts
+
+
+# ---------------------------------------------------------------- training
+def main(args):
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    train_rows = select_rows(load_rows(args.train_file), args.select, args.select_size, args.seed)
+    eval_rows = load_rows(args.eval_file) if args.eval_file else []
+    model, tokenizer = load_model(args.model, device)
+    pad = tokenizer.pad_token_id
+    train = tokenize(tokenizer, train_rows, args.max_len)
+    held = tokenize(tokenizer, eval_rows[:args.eval_rows or None], args.max_len)
+    probe = [r for r in eval_rows if "needs_tool" in r][:args.decision_rows]
+    if not train:
+        raise ValueError(f"{args.train_file}: no row has an assistant token within --max-len {args.max_len}")
+    logger = RunLogger(args.exp_name, args.seed, args, args.output_dir)
+    print(f"run folder {logger.dir}; {len(train)} training rows ({args.select}), {len(held)} held-out rows")
+
+    summary = {"train_rows": len(train)}
+    if held:
+        summary["eval_loss_start"] = heldout_loss(model, held, pad, args.batch_size, device)
+    if probe:
+        start, texts = decision_accuracy(model, tokenizer, probe, args.decision_tokens)
+        summary.update({f"{k}_start": v for k, v in start.items()})
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, args.max_steps,
+                                                                                  args.warmup_ratio))
+    order, cursor, tokens_seen, t0 = [], 0, 0, time.time()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    for step in tqdm(range(1, args.max_steps + 1), desc="sft", disable=None):
+        model.train()
+        micro = []
+        for _ in range(args.grad_accum):  # draw the step's micro-batches from a reshuffled epoch order
+            if cursor + args.batch_size > len(order):
+                order, cursor = random.sample(range(len(train)), len(train)), 0
+            micro.append(collate([train[i] for i in order[cursor:cursor + args.batch_size]], pad, device))
+            cursor += args.batch_size
+        # normalise by all target tokens of the step, so accumulation equals one large batch (not a mean of means)
+        n_tokens = sum(b["loss_mask"].sum() for b in micro)
+        loss_total = 0.0
+        for batch in micro:
+            with autocast:
+                s, _ = nll_sum(model, batch)
+            (s / n_tokens).backward()
+            loss_total += float(s.detach())
+            tokens_seen += int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": loss_total / float(n_tokens), "grad_norm": float(grad_norm),
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen / (time.time() - t0)}
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"step {step}: non-finite loss {metrics['loss']}")
+        if held and (step % args.eval_every == 0 or step == args.max_steps):
+            metrics["eval_loss"] = heldout_loss(model, held, pad, args.batch_size, device)
+        logger.log(step, metrics)
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(model, tokenizer, logger.dir / "checkpoint")
+
+    train_time = time.time() - t0
+    checkpoint = save_checkpoint(model, tokenizer, logger.dir / "checkpoint")
+    summary.update({"final_loss": metrics["loss"], "train_time_s": round(train_time, 2),
+                    "tokens_per_s": round(tokens_seen / train_time, 1), "checkpoint": str(checkpoint)})
+    if held:
+        summary["eval_loss_end"] = metrics.get("eval_loss", heldout_loss(model, held, pad, args.batch_size, device))
+    if probe:
+        end, texts = decision_accuracy(model, tokenizer, probe, args.decision_tokens)
+        summary.update({f"{k}_end": v for k, v in end.items()})
+        with open(logger.dir / "decisions.jsonl", "w") as f:
+            for row, text in zip(probe, texts):
+                f.write(json.dumps({"id": row.get("id"), "needs_tool": row["needs_tool"], "completion": text,
+                                    "decision": tool_decision(text)}) + "\n")
+    summary = logger.finish(summary)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

