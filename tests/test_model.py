@@ -1,5 +1,6 @@
 """algos/model.py: the real embedded model, chat masking, sampling log-probs, checkpoints, argument parsing."""
 import json
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -106,3 +107,19 @@ def test_parse_args_and_run_folder(tmp_path):
     rows = [json.loads(line) for line in (logger.dir / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 0.5, "reward": 1.0}, {"step": 2, "loss": 0.25}]
     assert json.loads((logger.dir / "summary.json").read_text())["final"] == 1 and summary["wall_time_s"] >= 0
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint_whole(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    path = save_checkpoint(model, tokenizer, tmp_path / "checkpoint")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def crash(*args, **kwargs):  # dies after writing part of the new checkpoint
+        (tmp_path / f"checkpoint.tmp{os.getpid()}" / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, tokenizer, path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    AutoModelForCausalLM.from_pretrained(path)  # still loads
