@@ -14,9 +14,10 @@ setup() {
   [ -x "$PY" ] || python3 -m venv .venv
   local want; want=$(cat requirements.txt <(echo "$NODEPS") | sha1sum | cut -c1-40)
   if [ "$(cat .venv/.installed 2>/dev/null)" != "$want" ]; then
-    "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
+    # (the grep drops pip's warnings about local index folders that some machines list but do not have)
+    "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored" >&2)
     # shellcheck disable=SC2086
-    "$PY" -m pip install -q --disable-pip-version-check --no-deps $NODEPS
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps $NODEPS 2> >(grep -v "is ignored" >&2)
     echo "$want" > .venv/.installed
   fi
   # Triton kernels run under its interpreter where there is no GPU (that is how the tests check them on CPU).
