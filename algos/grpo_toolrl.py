@@ -1,0 +1,575 @@
+"""GRPO with the ToolRL reward (format + fine-grained tool-call correctness), scored on BFCL.
+
+Paper: Qian et al. 2025, "ToolRL: Reward is All Tool Learning Needs" (arXiv 2504.13958); reward as in the released
+code (`verl/utils/reward_score/rlla.py` of github.com/qiancheng0/ToolRL). One assistant turn per prompt, no tool is
+executed: the turn is scored against the reference turn. R = R_format [0, 1] + R_correct [-3, 3].
+
+Differences from the paper and the released code:
+1. Data: the BFCL "live" categories (data/make_toolrl_bfcl.py) instead of ToolACE/Hammer/xLAM; held-out evaluation on
+   the non-live BFCL categories with our own smaller AST checker (`bfcl_check`; simplifications listed there).
+2. Model and scale: SmolLM2-135M-Instruct on a CPU, ~15 steps of 8 prompts x 4 samples, 160 new tokens, prompts over
+   `max_prompt_tokens` dropped (the paper: 1.5B-7B models, 512 prompts x 4, ~105 steps, 1024 new tokens).
+   A 135M model almost never writes the tag format cold, so every sample of a group scores the same (no signal);
+   run.sh first gives it a short SFT warm start with algos/sft.py on the live split (the paper's SFT-then-GRPO).
+3. Format reward: every tag of the expected pattern must occur exactly once, <think> included; the released code
+   does not count <think> tags, so "<think>a</think>\\n<think>b</think>\\n..." passes there and fails here.
+4. A predicted call must be a JSON object with a string "name" and an object "parameters", else R_correct = min;
+   the released code fails only when it happens to touch a missing field.
+5. Schedules (two-stage, dynamic) use this run's `total_steps` (code: fixed 150 steps, clamped).
+6. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0 adds the k3 KL to
+   a frozen reference in the loss. No entropy bonus (code: 0.001): entropy needs the full logits.
+7. old_logp defaults to the sampler's log-probs (saves a forward pass on CPU); `old_logp=recompute` does the extra
+   no-grad pass like verl. Either way the first minibatch must show ratio ~ 1, approx_kl ~ 0 (checked).
+
+Usage:
+    python data/make_toolrl_bfcl.py --out-dir data/generated
+    python algos/grpo_toolrl.py --model runs/toolrl_sft__1__<t>/checkpoint   # see run.sh for the warm start
+    python algos/grpo_toolrl.py --model tiny --total-steps 2 --train-file data/toolrl_train_sample.jsonl \\
+        --eval-file data/bfcl_eval_sample.jsonl                            # smoke test, seconds
+Expected at the defaults (2-core CPU, SFT warm start, ~20 min for run.sh): see README.md for the measured numbers;
+mean reward and R_correct rise over the steps, BFCL accuracy before/after is written to summary.json.
+"""
+import copy
+import json
+import random
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from algos.model import (RunLogger, arg, collate, generate, load_model, parse_args,  # noqa: E402
+                         save_checkpoint, sequence_logprobs, start_rollouts)
+from kernels.advantage import group_advantages, policy_loss  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = arg("grpo_toolrl", "run name; the run folder is runs/<exp_name>__<seed>__<time>")
+    seed: int = arg(1, "seed for python, numpy and torch")
+    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. an SFT checkpoint)")
+    train_file: str = arg("data/generated/toolrl_train.jsonl", "ToolRL records (data/make_toolrl_bfcl.py)")
+    eval_file: str = arg("data/generated/bfcl_eval.jsonl", "BFCL eval records (data/make_toolrl_bfcl.py)")
+    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 6 on CPU, 100 on GPU")
+    prompts_per_step: int = arg(0, "prompts per step; 0 = auto: 4 on CPU, 64 on GPU (paper: 512)")
+    group_size: int = arg(4, "samples per prompt G (paper: 4)")
+    max_new_tokens: int = arg(0, "completion length limit; 0 = auto: 80 on CPU, 512 on GPU (paper: 1024)")
+    max_prompt_tokens: int = arg(0, "drop training prompts longer than this; 0 = auto: 320 on CPU, 2048 on GPU")
+    eval_max_prompt_tokens: int = arg(0, "drop BFCL items longer than this; 0 = auto: 512 on CPU, 4096 on GPU")
+    temperature: float = arg(1.0, "sampling temperature (paper: 1.0)")
+    lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 1.5B-7B models and ~105 steps)")
+    num_minibatches: int = arg(2, "optimizer steps per rollout batch (paper: batch 512 / minibatch 128 = 4)")
+    ppo_epochs: int = arg(1, "passes over the rollout batch (verl's ppo_epochs)")
+    micro_batch_size: int = arg(8, "sequences per forward/backward (gradient accumulation inside a minibatch)")
+    clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)")
+    clip_high: float = arg(0.2, "PPO clip epsilon above 1 (DAPO uses 0.28; paper: 0.2)")
+    beta: float = arg(0.0, "k3 KL coefficient to a frozen reference (paper drops KL: 0; GRPO/DeepSeekMath: 0.04)")
+    loss_type: str = arg("grpo", "loss reduction: grpo (sequence mean, DeepSeekMath) | bnpo | dr_grpo (Liu et al.) "
+                                 "| dapo (token mean over the minibatch, Yu et al.)")
+    adv_scale: str = arg("group", "advantage scaling: group std (GRPO) | batch std | none (Dr. GRPO)")
+    adv_eps: float = arg(1e-6, "advantage epsilon (verl, the paper's code: 1e-6; TRL: 1e-4)")
+    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl)")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    matching: str = arg("greedy", "call matching: greedy (released code) | optimal (paper's text)")
+    granularity: str = arg("finest", "reward granularity (paper Sec. 5): finest | fine (exact name/key sets) | "
+                                     "intermediate (whole-call equality) | coarse (whole-list equality)")
+    schedule: str = arg("none", "reward scale schedule (paper Sec. 5): none | dynamic | two_stage")
+    two_stage_step: int = arg(30, "two_stage: step where correctness range x3 and format range /2 (code: 30)")
+    equal_max: bool = arg(False, "ablation: R_correct in [-1, 1] (equal max with format)")
+    length_reward: str = arg("none", "ablation: none | fixed (+min(think words/512, 1)) | dynamic (target 384->640)")
+    eval_per_category: int = arg(0, "BFCL items per category (fixed hashed subset); 0 = auto: 6 on CPU, all on "
+                                    "GPU; -1 = all")
+    eval_max_new_tokens: int = arg(0, "greedy tokens at evaluation; 0 = max_new_tokens")
+    gen_batch_size: int = arg(32, "sequences per generation batch")
+    save_model: bool = arg(True, "save the trained model to <run>/checkpoint")
+
+
+def resolve_defaults(args):
+    """Fill the auto (0) fields: small on a CPU (run.sh must finish in ~20 min on 2 cores), larger on a GPU."""
+    gpu = torch.cuda.is_available()
+    for name, cpu_value, gpu_value in [("total_steps", 6, 100), ("prompts_per_step", 4, 64),
+                                       ("max_new_tokens", 80, 512), ("max_prompt_tokens", 320, 2048),
+                                       ("eval_max_prompt_tokens", 512, 4096), ("eval_per_category", 6, -1)]:
+        if getattr(args, name) == 0:
+            setattr(args, name, gpu_value if gpu else cpu_value)
+    args.eval_max_new_tokens = args.eval_max_new_tokens or args.max_new_tokens
+    return args
+
+
+# ---------------------------------------------------------------- prompt and output format
+SYSTEM_PROMPT = """You can call tools. The tools, one JSON schema per line:
+{tools}
+
+Answer in this format:
+<think> short reasoning </think>
+<tool_call>
+{{"name": "tool_name", "parameters": {{"argument": "value"}}}}
+</tool_call>
+Put one call per line. If no tool fits, make no call and write <response> your reply </response> after </think>."""
+
+
+def build_messages(tools, dialogue):
+    """Chat messages for one record: our system prompt with the tools, then the dialogue (a dataset system message
+    is appended to ours, so the model sees one system turn)."""
+    extra = "".join("\n\n" + m["content"] for m in dialogue if m["role"] == "system")
+    tool_lines = "\n".join(json.dumps({k: t[k] for k in ("name", "description", "parameters") if k in t},
+                                      ensure_ascii=False) for t in tools)
+    system = {"role": "system", "content": SYSTEM_PROMPT.format(tools=tool_lines) + extra}
+    return [system] + [{"role": m["role"], "content": m["content"]} for m in dialogue if m["role"] != "system"]
+
+
+def format_calls(calls):
+    """The <tool_call> body for a list of {"name", "parameters"}: one JSON object per line."""
+    return "\n".join(json.dumps({"name": c["name"], "parameters": c["parameters"]}, ensure_ascii=False) for c in calls)
+
+
+def parse_tool_calls(text):
+    """Calls of the <tool_call> block as the released code reads them (text after the first <tool_call>, up to the
+    next </tool_call>, one JSON object per line) -> list of dicts, or None when tags are missing or any line is not
+    {"name": str, "parameters": object}. Never raises."""
+    if "<tool_call>" not in text or "</tool_call>" not in text:
+        return None
+    body = text.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0].strip()
+    calls = []
+    for line in body.split("\n"):
+        try:
+            call = json.loads(line)
+        except (ValueError, RecursionError):
+            return None
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("parameters"),
+                                                                                           dict)):
+            return None
+        calls.append(call)
+    return calls
+
+
+# ---------------------------------------------------------------- the ToolRL reward (pure functions)
+FORMAT_PATTERNS = {  # (ground truth has <tool_call>, has <response>) -> pattern on the stripped completion
+    (False, True): r"^<think>.*?</think>\n<response>.*?</response>$",
+    (True, False): r"^<think>.*?</think>\n<tool_call>\n.*?\n</tool_call>$",
+    (True, True): r"^<think>.*?</think>\n<tool_call>\n.*?\n</tool_call>\n<response>.*?</response>$",
+    (False, False): r"^<think>.*?</think>$",
+}
+
+
+def format_reward(completion: str, ground_truth: str, max_reward=1.0, min_reward=0.0) -> float:
+    """max_reward when the completion has exactly the blocks of the ground truth (think, then tool_call and/or
+    response, one newline apart, each tag once), else min_reward."""
+    text = completion.strip()
+    key = ("<tool_call>" in ground_truth, "<response>" in ground_truth)
+    tags = ["think"] + ["tool_call"] * key[0] + ["response"] * key[1]
+    ok = re.search(FORMAT_PATTERNS[key], text, re.DOTALL) is not None
+    ok = ok and all(text.count(f"<{t}>") == 1 and text.count(f"</{t}>") == 1 for t in tags)
+    return float(max_reward if ok else min_reward)
+
+
+def match_score(a, b, exact=False):
+    """Multiset Jaccard of two lists (the code's match_score): equal lists -> 1, an empty one -> 0."""
+    if a == b:
+        return 1.0
+    if exact or not a or not b:
+        return 0.0
+    inter = sum((Counter(a) & Counter(b)).values())
+    return inter / (len(a) + len(b) - inter)
+
+
+def _pair_score(g, p, granularity):
+    """Score of predicted call p for ground-truth call g (same name): key Jaccard + number of equal values."""
+    if granularity == "intermediate":
+        return 1.0 if g == p else 0.0
+    gp, pp = g["parameters"], p["parameters"]
+    keys = match_score(list(gp), list(pp), exact=granularity == "fine")
+    return keys + sum(1.0 for k, v in gp.items() if k in pp and pp[k] == v)  # Python == on parsed JSON, as the code
+
+
+def _assign(gt, pred, granularity, matching):
+    """Sum of pair scores over a one-to-one matching of predictions to ground-truth calls of the same name."""
+    scores = [[_pair_score(g, p, granularity) if p["name"] == g["name"] else 0.0 for p in pred] for g in gt]
+    if matching == "greedy" or len(pred) > 12:  # the released code: ground-truth order, best unused, first wins ties
+        used, total = set(), 0.0
+        for row in scores:
+            best, best_j = 0.0, -1
+            for j, s in enumerate(row):
+                if j not in used and s > best:
+                    best, best_j = s, j
+            if best_j >= 0:
+                used.add(best_j)
+                total += best
+        return total
+    memo = {}  # optimal: exact search over (ground-truth index, set of used predictions)
+
+    def best(i, used):
+        if i == len(gt):
+            return 0.0
+        if (i, used) not in memo:
+            memo[(i, used)] = max([best(i + 1, used)] + [scores[i][j] + best(i + 1, used | 1 << j)
+                                                         for j in range(len(pred))
+                                                         if scores[i][j] > 0 and not used >> j & 1])
+        return memo[(i, used)]
+    return best(0, 0)
+
+
+def correctness_reward(completion: str, ground_truth: str, max_reward=3.0, min_reward=-3.0, matching="greedy",
+                       granularity="finest") -> float:
+    """R_correct (paper Sec. 3.3): 0 when the ground truth makes no call; min_reward when the prediction has no
+    parseable <tool_call> block; else min + (max - min) * (r_name + sum r_param + sum r_value) / S_max,
+    S_max = 1 + |G| + sum_g |keys(g)|. Identical call lists score max directly."""
+    if "<tool_call>" not in ground_truth:
+        return 0.0
+    gt = parse_tool_calls(ground_truth)
+    if gt is None:
+        raise ValueError(f"ground truth has an unparseable <tool_call> block: {ground_truth!r}")
+    pred = parse_tool_calls(completion.strip())
+    if pred is None:
+        return float(min_reward)
+    if gt == pred:
+        return float(max_reward)
+    if granularity == "coarse":
+        return float(min_reward)
+    score = match_score([c["name"] for c in gt], [c["name"] for c in pred], exact=granularity == "fine")
+    score += _assign(gt, pred, granularity, matching)
+    s_max = 1.0 + sum(1.0 if granularity == "intermediate" else 1.0 + len(g["parameters"]) for g in gt)
+    return float(min_reward + (max_reward - min_reward) * score / s_max)
+
+
+def length_reward(completion: str, target_words=512) -> float:
+    """Length ablation: min(words in <think> / target, 1), rounded to 0.01 as the code; 0 without a think block."""
+    if "<think>" not in completion or "</think>" not in completion:
+        return 0.0
+    words = len(completion.split("<think>")[-1].split("</think>")[0].split())
+    return min(round(words / target_words, 2), 1.0)
+
+
+def toolrl_reward(completion: str, ground_truth: str, step=0, total_steps=1, matching="greedy",
+                  granularity="finest", schedule="none", two_stage_step=30, equal_max=False, length="none"):
+    """All components and their total as a dict; the ablations of paper Sec. 5 are the keyword options."""
+    fmt, cor = (0.0, 1.0), ((-1.0, 1.0) if equal_max else (-3.0, 3.0))  # (min, max)
+    p = min(step / max(total_steps, 1), 1.0)
+    if schedule == "two_stage":  # correctness range /3 before two_stage_step, format range /2 after
+        if step < two_stage_step:
+            cor = (cor[0] / 3, cor[1] / 3)
+        else:
+            fmt = (fmt[0] / 2, fmt[1] / 2)
+    elif schedule == "dynamic":  # format weight shrinks, correctness weight grows
+        fmt, cor = (-2.0 + p, 2.0 - p), (-2.0 - p, 2.0 + p)
+    out = {"format": format_reward(completion, ground_truth, fmt[1], fmt[0]),
+           "correctness": correctness_reward(completion, ground_truth, cor[1], cor[0], matching, granularity)}
+    if length != "none":
+        out["length"] = length_reward(completion, 512 if length == "fixed" else 384 + 256 * p)
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---------------------------------------------------------------- BFCL evaluation (a smaller AST checker)
+PY_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "array": list, "tuple": list,
+            "dict": dict, "any": str}
+
+
+def parse_bfcl_calls(completion):
+    """[{"name", "arguments"}] from every <tool_call> block; [] when there is none; None when a block is unclosed or
+    a line is not a JSON object with a name (also accepts "arguments" for "parameters"). Never raises."""
+    if completion.count("<tool_call>") != completion.count("</tool_call>"):
+        return None
+    calls = []
+    for body in re.findall(r"<tool_call>(.*?)</tool_call>", completion, re.DOTALL):
+        for line in filter(None, (x.strip() for x in body.strip().split("\n"))):
+            try:
+                c = json.loads(line)
+            except (ValueError, RecursionError):
+                return None
+            args = c.get("parameters", c.get("arguments", {})) if isinstance(c, dict) else None
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not isinstance(args, dict):
+                return None
+            calls.append({"name": c["name"], "arguments": args})
+    return calls
+
+
+def _norm(v):
+    """BFCL's string standardisation: drop spaces and ,./-_*^, lower-case, ' -> \"; applied one list level deep."""
+    if isinstance(v, str):
+        return re.sub(r"[ ,./\-_*^]", "", v).lower().replace("'", '"')
+    return [_norm(x) if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+
+def _dict_ok(value, accepted):
+    """A dict argument against one possible dict whose values are lists of acceptable values."""
+    if not isinstance(accepted, dict) or any(k not in accepted for k in value):
+        return False
+    if any(_norm(v) not in [_norm(a) for a in accepted[k]] for k, v in value.items()):
+        return False
+    return all(k in value or "" in acc for k, acc in accepted.items())
+
+
+def value_ok(value, accepted, ptype):
+    """One argument value against its list of acceptable values, BFCL style: type from the tool doc (an int is
+    accepted for a float), strings and list items compared after _norm, dicts key by key."""
+    if ptype == "float" and type(value) is int:
+        value = float(value)
+    expected = PY_TYPES.get(ptype)
+    answer_type = next((type(a) for a in accepted if a != ""), None)
+    if expected is not None and type(value) is not expected and type(value) is not answer_type:
+        return False
+    if isinstance(value, dict):
+        return any(_dict_ok(value, a) for a in accepted)
+    if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+        return any(isinstance(a, list) and len(a) == len(value) and all(map(_dict_ok, value, a)) for a in accepted)
+    if isinstance(value, (str, list)):
+        return _norm(value) in [_norm(a) for a in accepted if type(a) is type(value)]
+    return any(value == a and type(a) is not str for a in accepted)
+
+
+def check_call(call, answer, tools):
+    """None if one parsed call satisfies one possible answer {name: {param: [acceptable values]}}, else an error."""
+    name, params = next(iter(answer.items()))
+    if call["name"] != name:
+        return f"wrong function {call['name']!r}, expected {name!r}"
+    schema = next((t["parameters"] for t in tools if t["name"] == name), {})
+    props, args = schema.get("properties", {}), call["arguments"]
+    for k in schema.get("required", []):
+        if k not in args:
+            return f"missing required parameter {k!r}"
+    for k, v in args.items():
+        if k not in props or k not in params:
+            return f"unexpected parameter {k!r}"
+        if not value_ok(v, params[k], props[k].get("type")):
+            return f"wrong value for {k!r}: {v!r}, accepted {params[k]!r}"
+    missing = [k for k, acc in params.items() if k not in args and "" not in acc]
+    return f"missing parameter {missing[0]!r}" if missing else None
+
+
+def bfcl_check(calls, possible_answer, tools, category):
+    """(correct, error) for one BFCL item. irrelevance: correct iff no call (an unparseable block counts as none, as
+    BFCL's decoder failing). simple/multiple: exactly one call. parallel*: same count, each answer matched greedily
+    to an unused call in any order (as BFCL). Simplifications versus bfcl_eval's ast_checker: Python only, no
+    function-name rewriting, nested item types of arrays not type-checked, the "variable" case reduced to accepting
+    the possible answer's type."""
+    if category == "irrelevance":
+        return (not calls, None if not calls else f"made {len(calls)} call(s)")
+    if calls is None:
+        return False, "unparseable <tool_call> block"
+    if len(calls) != len(possible_answer):
+        return False, f"{len(calls)} call(s), expected {len(possible_answer)}"
+    used = set()
+    for answer in possible_answer:
+        errors = []
+        for j, call in enumerate(calls):
+            if j not in used:
+                errors.append(check_call(call, answer, tools))
+                if errors[-1] is None:
+                    used.add(j)
+                    break
+        if not errors or errors[-1] is not None:
+            return False, errors[-1] if errors else "no call left"
+    return True, None
+
+
+# ---------------------------------------------------------------- data
+def load_jsonl(path, fields):
+    """Rows of a JSONL file; a bad line or a missing field stops the run with file, line and field."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+            missing = [k for k in fields if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{i}: missing field {missing[0]!r}")
+            if "ground_truth" in row and "<tool_call>" in row["ground_truth"] and \
+                    parse_tool_calls(row["ground_truth"]) is None:
+                raise ValueError(f"{path}:{i}: field 'ground_truth' has an unparseable <tool_call> block")
+            rows.append(row)
+    return rows
+
+
+def fits(tokenizer, row, max_tokens):
+    text = tokenizer.apply_chat_template(build_messages(row["tools"], row["dialogue"]), tokenize=False,
+                                         add_generation_prompt=True)
+    return len(tokenizer.encode(text, add_special_tokens=False)) <= max_tokens
+
+
+def strip_eos(text, tokenizer):
+    return text.split(tokenizer.eos_token)[0]
+
+
+# ---------------------------------------------------------------- rollout and evaluation
+@torch.no_grad()
+def evaluate(model, tokenizer, items, args, path):
+    """Greedy completion per BFCL item -> accuracy per category and overall; one prediction per line in path."""
+    order = sorted(range(len(items)), key=lambda i: len(json.dumps(items[i]["tools"])))  # less padding per batch
+    prompts = [build_messages(items[i]["tools"], items[i]["dialogue"]) for i in order]
+    rollouts = start_rollouts(tokenizer, prompts, n=1)
+    texts = generate(model, tokenizer, rollouts, args.eval_max_new_tokens, temperature=0.0,
+                     batch_size=args.gen_batch_size)
+    per_cat = {}
+    with open(path, "w") as f:
+        for i, text in zip(order, texts):
+            item, text = items[i], strip_eos(text, tokenizer)
+            calls = parse_bfcl_calls(text)
+            ok, error = bfcl_check(calls, item["possible_answer"], item["tools"], item["category"])
+            per_cat.setdefault(item["category"], []).append(ok)
+            f.write(json.dumps({"id": item["id"], "category": item["category"], "correct": ok, "error": error,
+                                "completion": text, "calls": calls}, ensure_ascii=False) + "\n")
+    acc = {f"bfcl/{c}": float(np.mean(v)) for c, v in sorted(per_cat.items())}
+    acc["bfcl/overall"] = float(np.mean([ok for v in per_cat.values() for ok in v])) if per_cat else 0.0
+    return acc
+
+
+def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
+    """Scale of a micro-batch loss so that the accumulated gradient equals the minibatch reduction."""
+    if loss_type == "bnpo":
+        return tokens / max(mini_tokens, 1.0)
+    return 1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
+
+
+def _logprobs_in_chunks(model, data, args):
+    ids, attn, n = data["input_ids"], data["attention_mask"], args.micro_batch_size
+    return torch.cat([sequence_logprobs(model, ids[s:s + n], attn[s:s + n], args.temperature)
+                      for s in range(0, len(ids), n)])
+
+
+def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
+    """Steps 4-5 of a GRPO iteration on one rollout batch (collated (N, T) tensors, advantages (N,)): old_logp and
+    ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches.
+    Returns token-weighted means of policy_loss, clipfrac, approx_kl, kl, ratio_mean and the mean grad_norm."""
+    loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
+    assert loss_mask.sum() > 0, "empty loss_mask"
+    N = len(loss_mask)
+    with torch.no_grad():
+        old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
+        ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
+    stats, mini = {}, N // args.num_minibatches
+    for epoch in range(args.ppo_epochs):
+        perm = torch.randperm(N)
+        for m in range(args.num_minibatches):
+            idx = perm[m * mini:(m + 1) * mini]
+            mini_tokens = float(loss_mask[idx].sum())
+            optimizer.zero_grad(set_to_none=True)
+            for s in range(0, len(idx), args.micro_batch_size):
+                mb = idx[s:s + args.micro_batch_size]
+                width = int(data["attention_mask"][mb].sum(1).max())  # trim right padding
+                logp = sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
+                                         args.temperature)  # (b, T)
+                loss, metrics = policy_loss(
+                    logp, old_logp[mb, :width], advantages[mb], loss_mask[mb, :width], args.clip_low, args.clip_high,
+                    None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
+                    max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
+                n_tok = float(loss_mask[mb].sum())
+                (loss * micro_weight(args.loss_type, len(mb), len(idx), n_tok, mini_tokens)).backward()
+                if epoch == 0 and m == 0 and s == 0:  # nothing updated yet: the policy is still the sampler
+                    ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
+                    assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
+                        f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
+                assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
+                for k, v in [("policy_loss", loss.item())] + [(k, float(v)) for k, v in metrics.items()]:
+                    stats.setdefault(k, []).append((v, n_tok))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            stats.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
+            optimizer.step()
+    return {k: sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1e-9) for k, vals in stats.items()}
+
+
+def main(args):
+    args = resolve_defaults(args)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    device = next(model.parameters()).device
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    for path in (args.train_file, args.eval_file):
+        if not Path(path).exists():
+            sys.exit(f"{path} not found: run `python data/make_toolrl_bfcl.py --out-dir data/generated` first")
+    train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
+    evals = load_jsonl(args.eval_file, ["id", "category", "tools", "dialogue", "possible_answer"])
+    n_train = len(train)
+    train = [r for r in train if fits(tokenizer, r, args.max_prompt_tokens)]
+    if args.total_steps > 0 and not train:
+        sys.exit(f"no training prompt fits in {args.max_prompt_tokens} tokens")
+    by_cat = {}
+    for r in evals:  # the file is already in a fixed hashed order: take the first n of each category that fit
+        if fits(tokenizer, r, args.eval_max_prompt_tokens) and (args.eval_per_category < 0 or
+                                                           len(by_cat.get(r["category"], [])) < args.eval_per_category):
+            by_cat.setdefault(r["category"], []).append(r)
+    evals = [r for v in by_cat.values() for r in v]
+    print(f"train prompts: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; eval items: "
+          + ", ".join(f"{c} {len(v)}" for c, v in by_cat.items()))
+    logger = RunLogger(args.exp_name, args.seed, args)
+
+    # 0. BFCL accuracy of the starting model
+    t0 = time.time()
+    before = evaluate(model, tokenizer, evals, args, logger.dir / "predictions_before.jsonl") if evals else {}
+    print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    order, cursor, B, G = list(range(len(train))), len(train), args.prompts_per_step, args.group_size
+    keys = ["reward", "rewards/format/mean", "rewards/correctness/mean", "frac_reward_zero_std", "clipfrac",
+            "approx_kl", "completion_len", "time/generate_s", "time/train_s"]
+    for step in tqdm(range(args.total_steps), desc="grpo", disable=not sys.stderr.isatty()):
+        # 1. sample G completions per prompt (one assistant turn, no tool execution)
+        batch = []
+        while len(batch) < B:
+            if cursor >= len(order):
+                random.shuffle(order)
+                cursor = 0
+            batch.append(train[order[cursor]])
+            cursor += 1
+        t_gen = time.time()
+        rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in batch], n=G)
+        texts = [strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, args.max_new_tokens,
+                                                           args.temperature, batch_size=args.gen_batch_size)]
+        t_gen = time.time() - t_gen
+
+        # 2. rewards: named components per completion
+        t_train = time.time()
+        comps = [toolrl_reward(text, batch[i // G]["ground_truth"], step, args.total_steps, args.matching,
+                               args.granularity, args.schedule, args.two_stage_step, args.equal_max,
+                               args.length_reward) for i, text in enumerate(texts)]
+        rewards = torch.tensor([c["total"] for c in comps])  # (B*G,)
+        assert torch.isfinite(rewards).all(), "non-finite reward"
+
+        # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3)
+        advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps).to(device)  # (B*G,)
+        group_std = rewards.view(B, G).std(dim=1)
+
+        # 4.-5. old_logp, then several minibatch updates of the clipped surrogate
+        data = collate(rollouts, tokenizer.pad_token_id, device)
+        stats = grpo_update(model, optimizer, data, advantages, args, ref_model)
+        loss_mask = data["loss_mask"]
+        t_train = time.time() - t_train
+
+        # 6. log aggregates over the whole step
+        n_new = loss_mask.sum(1)  # (B*G,)
+        row = {"reward": rewards.mean(), "reward_std": rewards.std(),
+               "frac_reward_zero_std": float((group_std < 1e-6).float().mean()),
+               **{f"rewards/{k}/mean": float(np.mean([c[k] for c in comps])) for k in comps[0] if k != "total"},
+               **stats,
+               "completion_len": float(n_new.float().mean()),
+               "clipped_ratio": float(np.mean([r.stop_reason == "length" for r in rollouts])),
+               "tool_calls": float(np.mean([len(parse_bfcl_calls(t) or []) for t in texts])),
+               "tokens_per_s": float(n_new.sum()) / max(t_gen, 1e-9), "time/generate_s": t_gen,
+               "time/train_s": t_train}
+        logger.log(step, row, keys=keys)
+
+    # 7. BFCL accuracy after training; every prediction in predictions.jsonl
+    after = before if args.total_steps == 0 else \
+        evaluate(model, tokenizer, evals, args, logger.dir / "predictions.jsonl") if evals else {}
+    print("after:", json.dumps(after))
+    summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
+               "eval_items": len(evals), "train_prompts": len(train)}
+    if args.save_model and args.total_steps > 0:
+        summary["checkpoint"] = str(save_checkpoint(model, tokenizer, logger.dir / "checkpoint"))
+    print(json.dumps(logger.finish(summary), indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

@@ -1,0 +1,180 @@
+"""algos/grpo_toolrl.py and data/make_toolrl_bfcl.py: BFCL checker, converter, smoke run, learning test."""
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from algos.grpo_toolrl import Args, bfcl_check, grpo_update, load_jsonl, parse_bfcl_calls, toolrl_reward, value_ok
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("make_toolrl_bfcl", ROOT / "data" / "make_toolrl_bfcl.py")
+conv = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(conv)
+
+TOOLS = [{"name": "area", "parameters": {"type": "dict", "required": ["base"], "properties": {
+    "base": {"type": "integer"}, "unit": {"type": "string"}, "scale": {"type": "float"},
+    "tags": {"type": "array", "items": {"type": "string"}}, "opts": {"type": "dict"}}}}]
+ANSWER = [{"area": {"base": [10], "unit": ["square meters", ""], "scale": [1.5, ""], "tags": [["a b", "c"], ""],
+                    "opts": [{"round": [True], "digits": [2, ""]}, ""]}}]
+
+
+def call(**arguments):
+    return [{"name": "area", "arguments": arguments}]
+
+
+# ---------------------------------------------------------------- BFCL checker
+def test_bfcl_simple_values_types_and_optional():
+    assert bfcl_check(call(base=10), ANSWER, TOOLS, "simple_python") == (True, None)
+    assert bfcl_check(call(base=10, unit="Square-Meters"), ANSWER, TOOLS, "simple_python")[0]  # BFCL normalising
+    assert not bfcl_check(call(base="10"), ANSWER, TOOLS, "simple_python")[0]                 # string for an int
+    assert not bfcl_check(call(base=10.0), ANSWER, TOOLS, "simple_python")[0]                 # float for an int
+    assert not bfcl_check(call(base=True), ANSWER, TOOLS, "simple_python")[0]                 # bool is not an int
+    assert bfcl_check(call(base=10, scale=1.5), ANSWER, TOOLS, "simple_python")[0]
+    assert not bfcl_check(call(base=10, scale=2), ANSWER, TOOLS, "simple_python")[0]          # int -> float 2.0
+    assert not bfcl_check(call(unit="m"), ANSWER, TOOLS, "simple_python")[0]                  # missing required
+    assert not bfcl_check(call(base=10, color="red"), ANSWER, TOOLS, "simple_python")[0]      # unexpected
+    assert bfcl_check(call(base=10, tags=["A-B", "c"]), ANSWER, TOOLS, "simple_python")[0]    # list items normalised
+    assert not bfcl_check(call(base=10, tags=["c", "a b"]), ANSWER, TOOLS, "simple_python")[0]  # order matters
+    assert bfcl_check(call(base=10, opts={"round": True}), ANSWER, TOOLS, "simple_python")[0]   # optional dict key
+    assert not bfcl_check(call(base=10, opts={"digits": 2}), ANSWER, TOOLS, "simple_python")[0]  # missing dict key
+    assert not bfcl_check([], ANSWER, TOOLS, "simple_python")[0]
+    assert not bfcl_check(None, ANSWER, TOOLS, "simple_python")[0]
+    assert not bfcl_check(call(base=10) * 2, ANSWER, TOOLS, "multiple")[0]                     # one call expected
+    answer = [{"area": {"base": [10], "unit": ["m"]}}]  # a parameter not marked optional must be given
+    assert not bfcl_check(call(base=10), answer, TOOLS, "simple_python")[0]
+    assert value_ok(3, [3.0], "float") and not value_ok("x", ["y"], "string")
+
+
+def test_bfcl_parallel_any_order_and_irrelevance():
+    answer = [{"area": {"base": [1]}}, {"area": {"base": [2]}}]
+    assert bfcl_check(call(base=2) + call(base=1), answer, TOOLS, "parallel")[0]
+    assert not bfcl_check(call(base=2) + call(base=2), answer, TOOLS, "parallel")[0]
+    assert not bfcl_check(call(base=1), answer, TOOLS, "parallel_multiple")[0]
+    assert bfcl_check([], [], TOOLS, "irrelevance")[0]
+    assert bfcl_check(None, [], TOOLS, "irrelevance")[0]     # an unparseable block counts as no call (as BFCL)
+    assert not bfcl_check(call(base=1), [], TOOLS, "irrelevance")[0]
+
+
+def test_parse_bfcl_calls():
+    text = '<think>x</think>\n<tool_call>\n{"name": "a", "parameters": {"x": 1}}\n{"name": "b", "arguments": {}}\n' \
+           '</tool_call>'
+    assert parse_bfcl_calls(text) == [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]
+    assert parse_bfcl_calls("<think>x</think>\n<response>no</response>") == []
+    assert parse_bfcl_calls("<tool_call>\n{broken\n</tool_call>") is None
+    assert parse_bfcl_calls('<tool_call>\n{"name": "a", "parameters": {}}') is None  # unclosed
+
+
+# ---------------------------------------------------------------- converter and committed samples
+def test_samples_are_valid_and_reference_turns_score_max():
+    train = load_jsonl(ROOT / "data" / "toolrl_train_sample.jsonl", ["id", "tools", "dialogue", "ground_truth"])
+    evals = load_jsonl(ROOT / "data" / "bfcl_eval_sample.jsonl",
+                       ["id", "category", "tools", "dialogue", "possible_answer"])
+    cats = {r["category"] for r in train}
+    assert {"live_simple", "live_multiple", "live_parallel", "live_irrelevance"} <= cats
+    assert any(r["ground_truth"].count('{"name"') > 1 for r in train)              # a multi-call target
+    for r in train:
+        expected = 4.0 if "<tool_call>" in r["ground_truth"] else 1.0                # no-call: format only
+        assert toolrl_reward(r["ground_truth"], r["ground_truth"])["total"] == expected
+    assert {r["category"] for r in evals} == set(conv.EVAL_CATEGORIES)
+    for r in evals:  # the reference turn built from the possible answers passes our checker
+        calls = parse_bfcl_calls(conv.reference_turn(r["possible_answer"], r["tools"]))
+        assert bfcl_check(calls, r["possible_answer"], r["tools"], r["category"])[0], r["id"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bfcl_eval") is None, reason="bfcl_eval not installed")
+def test_converter_is_deterministic_and_matches_committed_sample():
+    train, dev, evals = conv.build(conv.bfcl_data_dir())
+    assert not {r["id"] for r in train} & {r["id"] for r in dev}
+    assert not {r["id"] for r in train} & {r["id"] for r in evals}                  # live vs non-live: disjoint
+    committed = [json.loads(line) for line in open(ROOT / "data" / "toolrl_train_sample.jsonl")]
+    assert conv.sample(train, 8, 1200) == committed
+    no_call = sum("<tool_call>" not in r["ground_truth"] for r in train + dev)
+    assert 0 < no_call <= 0.25 * len(train + dev) + 1
+
+
+def test_converter_malformed_rows_name_file_line_field(tmp_path):
+    good = {"id": "live_simple_0", "question": [[{"role": "user", "content": "hi"}]],
+            "function": [{"name": "f", "parameters": {"type": "dict", "properties": {}}}]}
+    (tmp_path / "possible_answer").mkdir()
+    answer = {"id": "live_simple_0", "ground_truth": [{"f": {}}]}
+
+    def write(rows, answers):
+        (tmp_path / "BFCL_v4_live_simple.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        (tmp_path / "possible_answer" / "BFCL_v4_live_simple.json").write_text(
+            "\n".join(json.dumps(a) for a in answers) + "\n")
+
+    write([good], [answer])
+    assert conv.load_category(tmp_path, "live_simple")[0]["possible_answer"] == [{"f": {}}]
+    bad = dict(good, id="live_simple_1")
+    del bad["function"]
+    write([good, bad], [answer])
+    with pytest.raises(ValueError, match=r"BFCL_v4_live_simple.json:2: missing field 'function'"):
+        conv.load_category(tmp_path, "live_simple")
+    write([good], [{"id": "live_simple_0", "ground_truth": [{"unknown_tool": {}}]}])
+    with pytest.raises(ValueError, match=r"possible_answer/BFCL_v4_live_simple.json:1: field 'ground_truth'"):
+        conv.load_category(tmp_path, "live_simple")
+    (tmp_path / "BFCL_v4_live_simple.json").write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"BFCL_v4_live_simple.json:2: not valid JSON"):
+        conv.load_category(tmp_path, "live_simple")
+
+
+def test_training_loader_rejects_bad_rows(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"id": "a", "tools": [], "dialogue": [], "ground_truth": "<tool_call>\n{x\n"
+                                                                                        "</tool_call>"}) + "\n")
+    with pytest.raises(ValueError, match=r"t.jsonl:1: field 'ground_truth'"):
+        load_jsonl(path, ["id", "tools", "dialogue", "ground_truth"])
+    path.write_text(json.dumps({"id": "a", "tools": []}) + "\n")
+    with pytest.raises(ValueError, match=r"t.jsonl:1: missing field 'dialogue'"):
+        load_jsonl(path, ["id", "tools", "dialogue", "ground_truth"])
+
+
+# ---------------------------------------------------------------- end to end
+def test_smoke_tiny(tmp_path):
+    cmd = [sys.executable, "algos/grpo_toolrl.py", "--model", "tiny", "--total-steps", "2", "--prompts-per-step",
+           "2", "--group-size", "2", "--max-new-tokens", "8", "--num-minibatches", "2", "--eval-per-category", "1",
+           "--train-file", "data/toolrl_train_sample.jsonl", "--eval-file", "data/bfcl_eval_sample.jsonl",
+           "--max-prompt-tokens", "1024", "--eval-max-prompt-tokens", "1024", "--beta", "0.04",
+           "--save-model", "false", "--exp-name", "smoke_toolrl"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = sorted((ROOT / "runs").glob("smoke_toolrl__1__*"))[-1]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1]
+    for key in ["reward", "rewards/format/mean", "rewards/correctness/mean", "frac_reward_zero_std", "clipfrac",
+                "kl", "approx_kl", "completion_len", "time/generate_s", "time/train_s"]:
+        assert key in rows[0], key
+    preds = [json.loads(line) for line in open(run / "predictions.jsonl")]
+    assert len(preds) == 5 and {"id", "completion", "calls", "correct"} <= set(preds[0])
+    summary = json.loads((run / "summary.json").read_text())
+    assert "after/bfcl/overall" in summary and "before/bfcl/irrelevance" in summary
+
+
+def test_learning_reward_rises_tiny():
+    """GRPO update on the tiny random model with a reward it can learn in a few steps: the share of sampled tokens
+    whose (initial) embedding points along a fixed random direction u. Moving the final hidden state along u raises
+    all those tokens at once, so the policy gradient has a direction to find; the ToolRL reward itself gives a random
+    model no signal (it never writes the tags). Same sampler, advantages, loss and optimizer as the script."""
+    from algos.model import collate, generate, load_model, start_rollouts
+    from kernels.advantage import group_advantages
+    torch.manual_seed(0), random.seed(0)
+    model, tok = load_model("tiny", device="cpu")
+    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    good = model.get_input_embeddings().weight.detach() @ u > 0  # (V,)
+    args = Args(lr=3e-2, num_minibatches=2, micro_batch_size=16, max_new_tokens=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    curve = []
+    for _ in range(12):
+        rollouts = start_rollouts(tok, ["Write something:", "Go:", "Hello there", "Numbers:"], n=8)
+        generate(model, tok, rollouts, args.max_new_tokens, 1.0)
+        rewards = torch.tensor([good[torch.tensor(r.completion_ids)].float().mean().item() for r in rollouts])
+        stats = grpo_update(model, optimizer, collate(rollouts, tok.pad_token_id), group_advantages(rewards, 8), args)
+        assert stats["approx_kl"] >= 0 and 0 <= stats["clipfrac"] <= 1
+        curve.append(rewards.mean().item())
+    assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3 + 0.1, curve
