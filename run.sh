@@ -21,15 +21,28 @@ setup() {
     echo "$want" > .venv/.installed
   fi
   # Triton kernels run under its interpreter where there is no GPU (that is how the tests check them on CPU).
-  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || export TRITON_INTERPRET=1
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then GPU=1; else GPU=0; fi
+  [ "$GPU" = 1 ] || export TRITON_INTERPRET=1
 }
 
 exp_sft() {
   "$PY" algos/sft.py "$@"
 }
 
-exp_grpo_toolrl() {
-  "$PY" algos/grpo_toolrl.py "$@"
+exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh grpo_toolrl --total-steps 20
+  local sft_size=(--max-steps 16 --eval-every 16 --eval-rows 21) ckpt  # ~5 min on 2 CPU cores
+  [ "$GPU" = 1 ] && sft_size=(--max-steps 60 --batch-size 16 --eval-every 20 --eval-rows 0)
+  # 1. ToolRL records from the BFCL data inside the installed bfcl-eval package (seconds; kept in data/generated/)
+  [ -s data/generated/bfcl_eval.jsonl ] || "$PY" data/make_toolrl_bfcl.py --out-dir data/generated
+  # 2. BFCL accuracy of the embedded model as it ships
+  "$PY" algos/grpo_toolrl.py --eval-only true --exp-name toolrl_base
+  # 3. SFT warm start on the live split: cold, a 135M model never writes the tag format, so every sample of a group
+  #    scores the same and GRPO gets no signal (the paper also reports SFT then GRPO)
+  "$PY" algos/sft.py --exp-name toolrl_sft --train-file data/generated/toolrl_sft_train.jsonl \
+    --eval-file data/generated/toolrl_sft_dev.jsonl --decision-rows 0 "${sft_size[@]}"
+  ckpt=$(ls -td runs/toolrl_sft__1__*/checkpoint | head -1)
+  # 4. GRPO with the ToolRL reward from the warm start, BFCL accuracy before and after (larger defaults on a GPU)
+  "$PY" algos/grpo_toolrl.py --model "$ckpt" "$@"
 }
 
 EXPERIMENTS="grpo_toolrl sft"
