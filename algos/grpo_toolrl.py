@@ -446,10 +446,13 @@ def _logprobs_in_chunks(model, data, args):
 def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
     """Steps 4-5 of a GRPO iteration on one rollout batch (collated (N, T) tensors, advantages (N,)): old_logp and
     ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches.
+    Without a KL term (beta = 0) a sequence with advantage 0 has exactly zero gradient, so it is skipped (the micro-batch
+    weights still count it, so the update is the same; the metrics cover the sequences that were run).
     Returns token-weighted means of policy_loss, clipfrac, approx_kl, kl, ratio_mean and the mean grad_norm."""
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
     assert loss_mask.sum() > 0, "empty loss_mask"
     N = len(loss_mask)
+    active = (advantages != 0) | (args.beta > 0)  # (N,)
     with torch.no_grad():
         old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
         ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
@@ -459,9 +462,10 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
         for m in range(args.num_minibatches):
             idx = perm[m * mini:(m + 1) * mini]
             mini_tokens = float(loss_mask[idx].sum())
-            optimizer.zero_grad(set_to_none=True)
-            for s in range(0, len(idx), args.micro_batch_size):
-                mb = idx[s:s + args.micro_batch_size]
+            optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
+            run = idx[active[idx].cpu()]
+            for s in range(0, len(run), args.micro_batch_size):
+                mb = run[s:s + args.micro_batch_size]
                 width = int(data["attention_mask"][mb].sum(1).max())  # trim right padding
                 logp = sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
                                          args.temperature)  # (b, T)

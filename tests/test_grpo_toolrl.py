@@ -1,4 +1,5 @@
 """algos/grpo_toolrl.py and data/make_toolrl_bfcl.py: BFCL checker, converter, smoke run, learning test."""
+import copy
 import importlib.util
 import json
 import random
@@ -154,6 +155,33 @@ def test_smoke_tiny(tmp_path):
     assert len(preds) == 5 and {"id", "completion", "calls", "correct"} <= set(preds[0])
     summary = json.loads((run / "summary.json").read_text())
     assert "after/bfcl/overall" in summary and "before/bfcl/irrelevance" in summary
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_update_equals_whole_batch_gradient(loss_type):
+    """One minibatch, SGD with lr 1: the parameter change made by grpo_update (micro-batches of 3, zero-advantage
+    sequences skipped) is minus the gradient of policy_loss over the whole batch at once."""
+    from algos.model import collate, generate, load_model, sequence_logprobs, start_rollouts
+    from kernels.advantage import policy_loss
+    torch.manual_seed(0)
+    model, tok = load_model("tiny", device="cpu")
+    rollouts = start_rollouts(tok, ["Hi", "Tell me a story", "2 + 2 ="], n=4)
+    generate(model, tok, rollouts, 6, 1.0)
+    data = collate(rollouts, tok.pad_token_id)
+    advantages = torch.tensor([0.0] * 4 + [1.2, -0.8, 0.5, -0.9] + [0.0] * 4)  # two groups carry no signal
+    args = Args(num_minibatches=1, micro_batch_size=3, max_new_tokens=6, loss_type=loss_type, max_grad_norm=1e9)
+    whole = copy.deepcopy(model)
+    logp = sequence_logprobs(whole, data["input_ids"], data["attention_mask"])
+    loss, _ = policy_loss(logp, data["sample_logp"], advantages, data["loss_mask"], 0.2, 0.2, None, 0.0, loss_type,
+                          max_completion_len=6, num_active_tokens=float(data["loss_mask"].sum()))
+    loss.backward()
+    start = [p.detach().clone() for p in model.parameters()]
+    grpo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), data, advantages, args)
+    moved = 0
+    for p0, p1, pw in zip(start, model.parameters(), whole.parameters()):
+        torch.testing.assert_close(p0 - p1.detach(), pw.grad, rtol=1e-4, atol=1e-7)
+        moved += int((p0 != p1).any())
+    assert moved > 0
 
 
 def test_learning_reward_rises_tiny():
