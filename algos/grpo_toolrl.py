@@ -386,11 +386,13 @@ def load_jsonl(path, fields):
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: not a JSON object")
             missing = [k for k in fields if k not in row]
             if missing:
                 raise ValueError(f"{path}:{i}: missing field {missing[0]!r}")
-            if "ground_truth" in row and "<tool_call>" in row["ground_truth"] and \
+            if isinstance(row.get("ground_truth"), str) and "<tool_call>" in row["ground_truth"] and \
                     parse_tool_calls(row["ground_truth"]) is None:
                 raise ValueError(f"{path}:{i}: field 'ground_truth' has an unparseable <tool_call> block")
             rows.append(row)

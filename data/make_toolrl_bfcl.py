@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from algos.grpo_toolrl import build_messages, load_jsonl  # noqa: E402  (the prompt and the loader live there)
+
 TRAIN_CATEGORIES = ["live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance"]
 EVAL_CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance"]
 NO_CALL_THINK = "No tool fits this request."
@@ -47,17 +49,7 @@ def hashed(key):
 
 def read_rows(path):
     """(line number, dict) per line; a line that is not a JSON object stops with file and line."""
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: not a JSON object")
-            rows.append((i, row))
-    return rows
+    return list(enumerate(load_jsonl(path, []), 1))
 
 
 def check_question(path, i, row):
@@ -172,7 +164,6 @@ def build(data_dir, max_no_call_frac=0.25, dev_frac=0.05):
 
 def sft_records(records, max_chars):
     """Chat records for algos/sft.py: our ToolRL system prompt + dialogue + the reference turn (short prompts)."""
-    from algos.grpo_toolrl import build_messages  # the prompt is defined once, in the algorithm file
     return [{"id": r["id"], "messages": build_messages(r["tools"], r["dialogue"])
              + [{"role": "assistant", "content": r["ground_truth"]}]}
             for r in records if prompt_chars(r) <= max_chars]
