@@ -502,7 +502,7 @@ def main(args):
     train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
     evals = load_jsonl(args.eval_file, ["id", "category", "tools", "dialogue", "possible_answer"])
     n_train = len(train)
-    train = [r for r in train if fits(tokenizer, r, args.max_prompt_tokens)]
+    train = [r for r in train if fits(tokenizer, r, args.max_prompt_tokens)] if args.total_steps > 0 else []
     if args.total_steps > 0 and not train:
         sys.exit(f"no training prompt fits in {args.max_prompt_tokens} tokens")
     by_cat = {}

@@ -157,6 +157,20 @@ def test_smoke_tiny(tmp_path):
     assert "after/bfcl/overall" in summary and "before/bfcl/irrelevance" in summary
 
 
+def test_eval_only_scores_once(tmp_path):
+    cmd = [sys.executable, "algos/grpo_toolrl.py", "--model", "tiny", "--eval-only", "true", "--eval-per-category",
+           "1", "--eval-max-new-tokens", "4", "--train-file", "data/toolrl_train_sample.jsonl", "--eval-file",
+           "data/bfcl_eval_sample.jsonl", "--eval-max-prompt-tokens", "1024", "--exp-name", "smoke_toolrl_eval"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = sorted((ROOT / "runs").glob("smoke_toolrl_eval__1__*"))[-1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_items"] == 5 and summary["train_prompts"] == 0
+    assert "before/bfcl/overall" in summary and not any(k.startswith("after/") for k in summary)
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 5
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoint").exists()
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_update_equals_whole_batch_gradient(loss_type):
     """One minibatch, SGD with lr 1: the parameter change made by grpo_update (micro-batches of 3, zero-advantage
