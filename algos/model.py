@@ -7,6 +7,8 @@
 - `Rollout`, `start_rollouts`, `generate`, `append_tokens`, `collate`: RL sampling. `generate` appends sampled tokens
   (loss_mask 1, with their log-probs); the caller may append tool output (loss_mask 0) and generate again.
 - `sequence_logprobs`: differentiable per-token log-probs through the fused kernels (no [N, V] fp32 tensor).
+- `ChatClient`: one small interface for LLM roles (judge, evaluator, proposer, decision steps): a local transformers
+  model or any OpenAI-compatible `/v1/chat/completions` endpoint.
 - `arg`/`parse_args`, `RunLogger`, `save_checkpoint`: the plumbing every script shares.
 """
 import argparse
@@ -18,6 +20,8 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,6 +260,71 @@ def sequence_logprobs(model, input_ids, attention_mask, temperature=1.0, return_
         logp, ent = token_logprobs(head(h), targets, temperature, return_entropy=True)
         return F.pad(logp.view(B, T - 1), (1, 0)), F.pad(ent.view(B, T - 1), (1, 0))
     return F.pad(linear_token_logprobs(h, head.weight, targets, temperature).view(B, T - 1), (1, 0))
+
+
+# ---------------------------------------------------------------- chat client for LLM roles
+class ChatError(RuntimeError):
+    """A remote model could not be reached, or sent a reply that is not a chat completion."""
+
+
+class ChatClient:
+    """One interface for LLM roles: `chat(conversations, max_tokens, temperature, n)` -> n replies per conversation,
+    grouped (reply j of conversation i at i * n + j).
+
+    backend: an http(s) base URL ending in /v1 for any OpenAI-compatible server (vLLM, Ollama, OpenAI, `transformers
+    serve`; `model_name` names the served model, $OPENAI_API_KEY is sent if set), "policy" with `local=(model,
+    tokenizer)` to reuse a loaded model, or a name for load_model. Remote calls retry connection errors, timeouts and
+    HTTP 429/5xx with backoff; anything else, or a reply without choices[0].message.content, raises ChatError naming
+    the endpoint and what came back. With `log_path`, every prompt and reply is appended there as JSONL.
+    """
+
+    def __init__(self, backend, model_name="", timeout=60.0, retries=2, log_path=None, local=None, batch_size=16):
+        self.backend, self.model_name, self.timeout, self.retries = backend, model_name, timeout, retries
+        self.log_path, self.batch_size, self.calls = log_path, batch_size, 0
+        self.remote = backend.startswith(("http://", "https://"))
+        if not self.remote:
+            self.model, self.tokenizer = local if backend == "policy" else load_model(backend)
+
+    def chat(self, conversations, max_tokens=256, temperature=0.0, n=1):
+        if self.remote:
+            replies = [self._post(c, max_tokens, temperature) for c in conversations for _ in range(n)]
+        else:
+            rollouts = start_rollouts(self.tokenizer, conversations, n=n)
+            replies = [t.split(self.tokenizer.eos_token)[0] for t in generate(
+                self.model, self.tokenizer, rollouts, max_tokens, temperature, batch_size=self.batch_size)]
+        self.calls += len(replies)
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.writelines(json.dumps({"backend": self.backend, "temperature": temperature, "messages":
+                                         conversations[i // n], "reply": r}, ensure_ascii=False) + "\n"
+                             for i, r in enumerate(replies))
+        return replies
+
+    def _post(self, messages, max_tokens, temperature):
+        url = self.backend.rstrip("/") + "/chat/completions"
+        key = os.environ.get("OPENAI_API_KEY")
+        body = {"model": self.model_name, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        request = urllib.request.Request(url, json.dumps(body).encode(), {
+            "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read().decode("utf-8", "replace")
+                break
+            except urllib.error.HTTPError as e:
+                if (e.code != 429 and e.code < 500) or attempt == self.retries:
+                    raise ChatError(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == self.retries:
+                    raise ChatError(f"{url}: no reply after {attempt + 1} tries ({e})") from None
+            time.sleep(min(2 ** attempt, 10))
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            content = None
+        if not isinstance(content, str):
+            raise ChatError(f"{url}: not a chat completion: {raw[:300]!r}")
+        return content
 
 
 # ---------------------------------------------------------------- checkpoints and run folders
