@@ -45,7 +45,23 @@ exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh gr
   "$PY" algos/grpo_toolrl.py --model "$ckpt" "$@"
 }
 
-EXPERIMENTS="grpo_toolrl sft"
+exp_rmr1() {  # extra arguments go to the GRPO stage, e.g. bash run.sh rmr1 --total-steps 20
+  local sft_size=(--max-steps 40 --eval-every 20 --eval-rows 16) ckpt  # CPU: 160 of the 240 traces
+  [ "$GPU" = 1 ] && sft_size=(--max-steps 60 --batch-size 16 --eval-every 20 --eval-rows 0)
+  # 1. synthetic pairs + offline Chain-of-Rubrics traces (seconds), and the real BIG-bench HHH pairs
+  [ -s data/generated/rmr1_sft_train.jsonl ] || "$PY" data/make_rmr1_cor.py
+  [ -s data/generated/hhh_alignment.jsonl ] || "$PY" data/make_hhh.py
+  # 2. pairwise accuracy (both orders) of the embedded model as it ships
+  "$PY" algos/rmr1_distill_rl.py --eval-only true --exp-name rmr1_base
+  # 3. stage 1, distillation: NLL on the CoR traces only (the prompt is masked)
+  "$PY" algos/sft.py --exp-name rmr1_sft --train-file data/generated/rmr1_sft_train.jsonl \
+    --eval-file data/generated/rmr1_sft_dev.jsonl --decision-rows 0 --max-len 768 "${sft_size[@]}"
+  ckpt=$(ls -td runs/rmr1_sft__1__*/checkpoint | head -1)
+  # 4. stage 2, GRPO with the +-1 verdict reward; accuracy before (= after distillation) and after
+  "$PY" algos/rmr1_distill_rl.py --model "$ckpt" "$@"
+}
+
+EXPERIMENTS="grpo_toolrl sft rmr1"
 cmd="${1:-grpo_toolrl}"
 [ $# -gt 0 ] && shift
 setup

@@ -1,0 +1,432 @@
+"""RM-R1: a generative reward model that reasons (Chain-of-Rubrics) before its verdict; distillation, then GRPO.
+
+Paper: Chen et al. 2025, "RM-R1: Reward Modeling as Reasoning" (arXiv 2505.02387); released code RM-R1-UIUC/RM-R1.
+The judge reads a question and two responses, writes <type>Reasoning</type> (own <solution> first) or
+<type>Chat</type> (a weighted <rubric> with <justify>), then <eval>, then <answer>[[A]]</answer> or [[B]].
+Stage 1 (distillation, next-token NLL on the trace only) is algos/sft.py on CoR traces (run.sh chains it); stage 2
+(this file) is GRPO with R = +1 when the verdict matches the label, else -1 (the released rule: verdict_reward).
+
+Differences from the paper and the released code:
+1. Data: our own offline generator of CoR traces (data/make_rmr1_cor.py) for pairs whose verdict and reasons are
+   built programmatically (arithmetic right vs wrong with the worked solution; an instruction followed vs not;
+   refusal of a harmful request; help with a harmless request vs a needless refusal), instead of ~8.7K traces from
+   Claude-3.7-Sonnet / o3 on Skywork, Code-Preference and Math-Step-DPO pairs. The same script asks any
+   OpenAI-compatible endpoint or local model (algos/model.py ChatClient) for traces and keeps those whose verdict
+   matches the label, as the paper does (without the o3 second pass told the right verdict).
+2. Evaluation: the synthetic held-out pairs and the real BIG-bench HHH alignment pairs (221 human-written items,
+   data/make_hhh.py) instead of RewardBench / RM-Bench / RMB; `load_pairs` also reads RewardBench-format rows
+   (prompt/chosen/rejected/subset). Every pair is scored in BOTH orders (the released evaluation swaps A/B at random
+   once), so accuracy cannot be won by a position preference; we also report the position-consistency rate.
+3. Model and scale: SmolLM2-135M-Instruct; on a CPU 6 steps of 4 prompts x 4 samples, 160 new tokens, HHH scored on
+   a fixed hashed subset of 4 short items per category and the synthetic set on 6 pairs per category (on a GPU: 200
+   steps of 32 prompts x 7, 1024 new tokens, all items); the paper: 7B-32B models, group 7, responses up to 8192
+   tokens, lr 1e-6. Our lr is 1e-5 (a 135M model and a handful of steps).
+4. The training label slot is drawn per prompt with a seeded coin (the released data alternates which slot holds the
+   chosen response); `--label-slot alternate` alternates instead.
+5. KL: k3 to a frozen reference in the loss at 0.001 (the paper's setting); loss reduction and advantage options are
+   those of algos/grpo_toolrl.py. The reward reads the decoded completion with its end-of-turn text, as the released
+   code does (its window of 80 characters then holds ~70 of real text).
+
+Usage:
+    python data/make_rmr1_cor.py                     # pairs and CoR traces (seconds; run.sh does it)
+    bash run.sh rmr1                                 # base eval, SFT on traces, eval, GRPO, eval
+    python algos/rmr1_distill_rl.py --model runs/rmr1_sft__1__<t>/checkpoint   # GRPO from a distilled model
+    python algos/rmr1_distill_rl.py --eval-only true --hhh-per-category -1      # score all 221 HHH items
+    python algos/rmr1_distill_rl.py --model tiny --total-steps 2 --max-new-tokens 8   # smoke test, seconds
+Expected at the defaults (2-core CPU): the shipped model almost never writes a verdict tag, so its accuracy is near
+0; distillation brings the format and above-chance accuracy on the synthetic pairs, much less on HHH; 6 GRPO steps
+change little. Measured: README.md.
+"""
+import copy
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from algos.model import (RunLogger, arg, collate, generate, load_model, parse_args,  # noqa: E402
+                         save_checkpoint, sequence_logprobs, start_rollouts)
+from kernels.advantage import group_advantages, policy_loss  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = arg("rmr1", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
+    seed: int = arg(1, "seed for python, numpy and torch")
+    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. the distilled checkpoint)")
+    train_file: str = arg("data/rmr1_train.jsonl", "preference pairs for RL (data/make_rmr1_cor.py)")
+    eval_file: str = arg("data/rmr1_test.jsonl", "held-out synthetic pairs ('' = skip)")
+    hhh_file: str = arg("data/generated/hhh_alignment.jsonl", "BIG-bench HHH pairs (data/make_hhh.py; '' = skip)")
+    rewardbench_file: str = arg("", "optional RewardBench-format JSONL (prompt, chosen, rejected, subset) to score")
+    runs_dir: str = arg("runs", "where run folders go")
+    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 6 on CPU, 200 on GPU")
+    prompts_per_step: int = arg(0, "pairs per step; 0 = auto: 4 on CPU, 32 on GPU")
+    group_size: int = arg(0, "samples per prompt G; 0 = auto: 4 on CPU, 7 on GPU (paper: 7)")
+    max_new_tokens: int = arg(0, "trace length limit; 0 = auto: 160 on CPU, 1024 on GPU (paper: 8192)")
+    max_prompt_tokens: int = arg(0, "drop pairs whose prompt is longer; 0 = auto: 640 on CPU, 4096 on GPU")
+    temperature: float = arg(1.0, "sampling temperature (paper: 1.0)")
+    lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 7B-32B models)")
+    num_minibatches: int = arg(2, "optimizer steps per rollout batch")
+    ppo_epochs: int = arg(1, "passes over the rollout batch (paper: 1)")
+    micro_batch_size: int = arg(4, "sequences per forward/backward (gradient accumulation inside a minibatch)")
+    clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)")
+    clip_high: float = arg(0.2, "PPO clip epsilon above 1 (paper: 0.2)")
+    beta: float = arg(0.001, "k3 KL coefficient to a frozen reference, in the loss (paper: 0.001)")
+    loss_type: str = arg("grpo", "loss reduction: grpo (sequence mean, DeepSeekMath) | bnpo | dr_grpo (Liu et al.) "
+                                 "| dapo (token mean over the minibatch, Yu et al.)")
+    adv_scale: str = arg("group", "advantage scaling: group std (GRPO) | batch std | none (Dr. GRPO)")
+    adv_eps: float = arg(1e-6, "advantage epsilon (verl: 1e-6; TRL: 1e-4)")
+    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl)")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    window: int = arg(80, "verdict_reward reads only the last `window` characters (released code: 80)")
+    label_slot: str = arg("random", "slot of the chosen response in training prompts: random (seeded coin) | "
+                                    "alternate (as the released data)")
+    eval_per_category: int = arg(0, "synthetic held-out pairs per category; 0 = auto: 6 on CPU, all on GPU; -1 = all")
+    hhh_per_category: int = arg(0, "HHH items per category (fixed hashed subset of those that fit); 0 = auto: 4 on "
+                                   "CPU, all on GPU; -1 = all")
+    eval_max_new_tokens: int = arg(0, "greedy tokens at evaluation; 0 = auto: 160 on CPU, 1024 on GPU")
+    eval_max_prompt_tokens: int = arg(0, "skip eval pairs with longer prompts; 0 = auto: 640 on CPU, 4096 on GPU")
+    gen_batch_size: int = arg(16, "sequences per generation batch")
+    eval_only: bool = arg(False, "only score --model on the eval sets (no training)")
+    save_model: bool = arg(True, "save the trained model to <run>/checkpoint")
+
+
+def resolve_defaults(args):
+    """Fill the auto (0) fields: small on a CPU (run.sh must finish in ~40 min on 2 cores), larger on a GPU."""
+    gpu = torch.cuda.is_available()
+    for name, cpu_value, gpu_value in [("total_steps", 6, 200), ("prompts_per_step", 4, 32), ("group_size", 4, 7),
+                                       ("max_new_tokens", 160, 1024), ("max_prompt_tokens", 640, 4096),
+                                       ("eval_per_category", 6, -1), ("hhh_per_category", 4, -1),
+                                       ("eval_max_new_tokens", 160, 1024), ("eval_max_prompt_tokens", 640, 4096)]:
+        if getattr(args, name) == 0:
+            setattr(args, name, gpu_value if gpu else cpu_value)
+    args.total_steps = 0 if args.eval_only else args.total_steps
+    return args
+
+
+# ---------------------------------------------------------------- the Chain-of-Rubrics prompt
+SYSTEM_PROMPT = "\n".join([
+    "You are a fair judge. Read the user's question and two chatbot responses, A and B, and decide which "
+    "one is better. Think before you judge, in this order:",
+    "1. Say what kind of task it is: <type>Reasoning</type> for math, code, facts that can be checked or "
+    "multi-step logic; <type>Chat</type> for open conversation, rewriting, advice, safety and general "
+    "help.",
+    "2. Reasoning: first solve the question yourself inside <solution>...</solution>, then check each "
+    "response against your solution.",
+    "   Chat: write the criteria that matter for this question, with weights, inside "
+    "<rubric>...</rubric>, and explain the choice of criteria and weights in <justify>...</justify> "
+    "inside the rubric.",
+    "3. Compare the two responses inside <eval>...</eval>, quoting them (<quote_A>...</quote_A>, "
+    "<quote_B>...</quote_B>) or summarising them (<summary_A>...</summary_A>, "
+    "<summary_B>...</summary_B>).",
+    "4. End with exactly one verdict: <answer>[[A]]</answer> or <answer>[[B]]</answer>.",
+    "The order of the responses, their length and the chatbots' names must not sway you.",
+])
+
+
+def build_messages(question, response_a, response_b):
+    """Chat messages for one judgement: the CoR system prompt, then the question and both responses with clear
+    start and end markers."""
+    user = (f"[User question]\n{question}\n\n[Start of Chatbot A's response]\n{response_a}\n"
+            f"[End of Chatbot A's response]\n\n[Start of Chatbot B's response]\n{response_b}\n"
+            f"[End of Chatbot B's response]")
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def pair_messages(pair, label):
+    """Messages for a pair with the chosen response in slot `label` ("A" or "B")."""
+    a, b = (pair["chosen"], pair["rejected"]) if label == "A" else (pair["rejected"], pair["chosen"])
+    return build_messages(pair["input"], a, b)
+
+
+# ---------------------------------------------------------------- verdicts and the reward (pure functions)
+VERDICT_TAG = re.compile(r"<answer>\[\[([AB])\]\]</answer>")
+
+
+def verdict_reward(completion: str, label: str, window: int = 80) -> float:
+    """The released RL reward: +1 if the last `window` characters (nothing stripped) contain the exact tag
+    <answer>[[label]]</answer> and not the other one, else -1. A truncated tag, a bare [[A]], spaces inside the tag
+    or both verdicts in the window score -1; the same verdict twice, or a contrary verdict earlier, score +1."""
+    tail = completion[-window:]
+    other = "B" if label == "A" else "A"
+    return 1.0 if f"<answer>[[{label}]]</answer>" in tail and f"<answer>[[{other}]]</answer>" not in tail else -1.0
+
+
+def parse_verdict(completion: str):
+    """The evaluation parser: "A" or "B" when exactly one of [[A]] / [[B]] appears anywhere; None when neither or
+    both do (both counts as an error, i.e. wrong). Never raises."""
+    a, b = "[[A]]" in completion, "[[B]]" in completion
+    return None if a == b else ("A" if a else "B")
+
+
+def well_formed(completion: str) -> bool:
+    """Exactly one well-formed verdict tag in the whole completion (the format the distilled model should keep)."""
+    return len(VERDICT_TAG.findall(completion)) == 1
+
+
+def task_type(completion: str):
+    """The <type> the judge gave (Reasoning / Chat), or None."""
+    m = re.search(r"<type>\s*(Reasoning|Chat)\s*</type>", completion)
+    return m.group(1) if m else None
+
+
+# ---------------------------------------------------------------- data
+def load_pairs(path):
+    """Pairs {"id", "category", "input", "chosen", "rejected"} from JSONL: our format (synthetic pairs, HHH) or
+    RewardBench rows (prompt, chosen, rejected, subset; id optional). A bad line stops the run with file, line and
+    field."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: not a JSON object")
+            if "prompt" in row and "input" not in row:  # RewardBench format
+                row = {"id": str(row.get("id", f"{row.get('subset', 'rb')}-{i}")), "category": row.get("subset"),
+                       "input": row["prompt"], "chosen": row.get("chosen"), "rejected": row.get("rejected")}
+            for k in ("id", "category", "input", "chosen", "rejected"):
+                if not isinstance(row.get(k), str) or (k != "id" and not row[k].strip()):
+                    raise ValueError(f"{path}:{i}: field {k!r} missing or not a non-empty string")
+            rows.append({k: row[k] for k in ("id", "category", "input", "chosen", "rejected")})
+    return rows
+
+
+def prompt_tokens(tokenizer, pair):
+    text = tokenizer.apply_chat_template(pair_messages(pair, "A"), tokenize=False, add_generation_prompt=True)
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def eval_subset(tokenizer, pairs, per_category, max_tokens):
+    """A fixed subset: pairs in the order of sha1(id), those whose prompt fits, the first per_category of each
+    category (-1 = all that fit). Same items for every model and run."""
+    picked, counts = [], {}
+    for p in sorted(pairs, key=lambda p: hashlib.sha1(p["id"].encode()).hexdigest()):
+        if (per_category < 0 or counts.get(p["category"], 0) < per_category) and \
+                prompt_tokens(tokenizer, p) <= max_tokens:
+            picked.append(p)
+            counts[p["category"]] = counts.get(p["category"], 0) + 1
+    return sorted(picked, key=lambda p: p["id"])
+
+
+def strip_eos(text, tokenizer):
+    return text.split(tokenizer.eos_token)[0]
+
+
+# ---------------------------------------------------------------- evaluation in both orders
+def pair_scores(verdict_ab, verdict_ba):
+    """Scores of one pair judged twice: chosen in slot A (right verdict A), then chosen in slot B (right verdict B).
+    consistent: the same response wins in both orders (a missing verdict is not consistent)."""
+    return {"acc_chosen_A": float(verdict_ab == "A"), "acc_chosen_B": float(verdict_ba == "B"),
+            "acc": (float(verdict_ab == "A") + float(verdict_ba == "B")) / 2,
+            "both_right": float(verdict_ab == "A" and verdict_ba == "B"),
+            "consistent": float(verdict_ab is not None and {verdict_ab, verdict_ba} == {"A", "B"}),
+            "says_A": (float(verdict_ab == "A") + float(verdict_ba == "A")) / 2}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, pairs, args, path, prefix):
+    """Greedy judgement of every pair in both orders -> accuracy (mean over both orders), accuracy per order,
+    both-orders-right, position consistency, verdict-format rate, overall and per category; one line per pair in
+    path."""
+    prompts = [pair_messages(p, label) for p in pairs for label in "AB"]
+    texts = generate(model, tokenizer, start_rollouts(tokenizer, prompts, n=1), args.eval_max_new_tokens,
+                     temperature=0.0, batch_size=args.gen_batch_size)
+    rows = []
+    with open(path, "w") as f:
+        for i, p in enumerate(pairs):
+            ab, ba = strip_eos(texts[2 * i], tokenizer), strip_eos(texts[2 * i + 1], tokenizer)
+            s = {**pair_scores(parse_verdict(ab), parse_verdict(ba)),
+                 "verdict_format": (well_formed(ab) + well_formed(ba)) / 2}
+            rows.append((p["category"], s))
+            f.write(json.dumps({"id": p["id"], "category": p["category"], **s, "verdict_AB": parse_verdict(ab),
+                                "verdict_BA": parse_verdict(ba), "completion_AB": ab, "completion_BA": ba},
+                               ensure_ascii=False) + "\n")
+    out = {}
+    for cat in sorted({c for c, _ in rows}) + [None] if rows else []:
+        sel = [s for c, s in rows if cat is None or c == cat]
+        keys = list(rows[0][1]) if cat is None else ["acc", "consistent"]
+        out.update({f"{prefix}/{cat + '/' if cat else ''}{k}": float(np.mean([x[k] for x in sel])) for k in keys})
+    out[f"{prefix}/pairs"] = len(rows)
+    return out
+
+
+# ---------------------------------------------------------------- GRPO update (as algos/grpo_toolrl.py)
+def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
+    """Scale of a micro-batch loss so that the accumulated gradient equals the minibatch reduction."""
+    if loss_type == "bnpo":
+        return tokens / max(mini_tokens, 1.0)
+    return 1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
+
+
+def _logprobs_in_chunks(model, data, args):
+    ids, attn, n = data["input_ids"], data["attention_mask"], args.micro_batch_size
+    return torch.cat([sequence_logprobs(model, ids[s:s + n], attn[s:s + n], args.temperature)
+                      for s in range(0, len(ids), n)])
+
+
+def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
+    """Steps 4-5 of a GRPO iteration on one rollout batch (collated (N, T) tensors, advantages (N,)): old_logp and
+    ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches.
+    Without a KL term (beta = 0) a sequence with advantage 0 has exactly zero gradient, so it is skipped (the
+    micro-batch weights still count it, so the update is the same; the metrics cover the sequences that were run).
+    Returns token-weighted means of policy_loss, clipfrac, approx_kl, kl, ratio_mean and the mean grad_norm."""
+    loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
+    assert loss_mask.sum() > 0, "empty loss_mask"
+    N = len(loss_mask)
+    active = (advantages != 0) | (args.beta > 0)  # (N,)
+    with torch.no_grad():
+        old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
+        ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
+    stats, mini = {}, N // args.num_minibatches
+    for epoch in range(args.ppo_epochs):
+        perm = torch.randperm(N)
+        for m in range(args.num_minibatches):
+            idx = perm[m * mini:(m + 1) * mini]
+            mini_tokens = float(loss_mask[idx].sum())
+            optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
+            run = idx[active[idx].cpu()]
+            for s in range(0, len(run), args.micro_batch_size):
+                mb = run[s:s + args.micro_batch_size]
+                width = int(data["attention_mask"][mb].sum(1).max())  # trim right padding
+                logp = sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
+                                         args.temperature)  # (b, T)
+                loss, metrics = policy_loss(
+                    logp, old_logp[mb, :width], advantages[mb], loss_mask[mb, :width], args.clip_low, args.clip_high,
+                    None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
+                    max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
+                n_tok = float(loss_mask[mb].sum())
+                (loss * micro_weight(args.loss_type, len(mb), len(idx), n_tok, mini_tokens)).backward()
+                if epoch == 0 and m == 0 and s == 0:  # nothing updated yet: the policy is still the sampler
+                    ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
+                    assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
+                        f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
+                assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
+                for k, v in [("policy_loss", loss.item())] + [(k, float(v)) for k, v in metrics.items()]:
+                    stats.setdefault(k, []).append((v, n_tok))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            stats.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
+            optimizer.step()
+    return {k: sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1e-9) for k, vals in stats.items()}
+
+
+def main(args):
+    args = resolve_defaults(args)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    device = next(model.parameters()).device
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 and args.total_steps > 0 else None
+    make = "python data/make_rmr1_cor.py"
+    for path, how in [(args.train_file, make), (args.eval_file, make), (args.hhh_file, "python data/make_hhh.py"),
+                      (args.rewardbench_file, "")]:
+        if path and not Path(path).exists():
+            sys.exit(f"{path} not found" + (f": run `{how}` first" if how else ""))
+    train = load_pairs(args.train_file) if args.total_steps > 0 else []
+    n_train = len(train)
+    train = [p for p in train if prompt_tokens(tokenizer, p) <= args.max_prompt_tokens]
+    if args.total_steps > 0 and not train:
+        sys.exit(f"no training pair fits in {args.max_prompt_tokens} tokens")
+    eval_sets = {}  # prefix -> pairs
+    for prefix, path, n in [("synth", args.eval_file, args.eval_per_category), ("hhh", args.hhh_file,
+                            args.hhh_per_category), ("rewardbench", args.rewardbench_file, -1)]:
+        if path:
+            eval_sets[prefix] = eval_subset(tokenizer, load_pairs(path), n, args.eval_max_prompt_tokens)
+    print(f"train pairs: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; eval pairs (x2 orders): "
+          + ", ".join(f"{k} {len(v)}" for k, v in eval_sets.items()))
+    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir)
+
+    # 0. pairwise accuracy of the starting model, both orders
+    t0, before = time.time(), {}
+    for prefix, pairs in eval_sets.items():
+        name = f"predictions_{prefix}.jsonl" if args.total_steps == 0 else f"predictions_{prefix}_before.jsonl"
+        before.update(evaluate(model, tokenizer, pairs, args, logger.dir / name, prefix) if pairs else {})
+    print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    order, cursor, B, G = list(range(len(train))), len(train), args.prompts_per_step, args.group_size
+    slot_rng, n_drawn = random.Random(args.seed + 1), 0
+    keys = ["reward", "verdict_format", "frac_reward_zero_std", "says_A", "kl", "clipfrac", "approx_kl",
+            "completion_len", "time/generate_s", "time/train_s"]
+    for step in tqdm(range(args.total_steps), desc="grpo", disable=not sys.stderr.isatty()):
+        # 1. sample G judgements per pair; the chosen response sits in slot A or B (label)
+        batch, labels = [], []
+        while len(batch) < B:
+            if cursor >= len(order):
+                random.shuffle(order)
+                cursor = 0
+            batch.append(train[order[cursor]])
+            labels.append(("A" if n_drawn % 2 == 0 else "B") if args.label_slot == "alternate"
+                          else slot_rng.choice("AB"))
+            cursor, n_drawn = cursor + 1, n_drawn + 1
+        t_gen = time.time()
+        rollouts = start_rollouts(tokenizer, [pair_messages(p, y) for p, y in zip(batch, labels)], n=G)
+        raw = generate(model, tokenizer, rollouts, args.max_new_tokens, args.temperature,
+                       batch_size=args.gen_batch_size)
+        t_gen = time.time() - t_gen
+
+        # 2. rewards: +1 / -1 from the last `window` characters of the decoded completion (EOS text kept, as released)
+        t_train = time.time()
+        rewards = torch.tensor([verdict_reward(t, labels[i // G], args.window) for i, t in enumerate(raw)])  # (B*G,)
+        assert torch.isfinite(rewards).all(), "non-finite reward"
+        texts = [strip_eos(t, tokenizer) for t in raw]
+        verdicts = [parse_verdict(t) for t in texts]
+
+        # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3)
+        advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps).to(device)  # (B*G,)
+        group_std = rewards.view(B, G).std(dim=1)
+
+        # 4.-5. old_logp, then several minibatch updates of the clipped surrogate with the k3 KL
+        data = collate(rollouts, tokenizer.pad_token_id, device)
+        stats = grpo_update(model, optimizer, data, advantages, args, ref_model)
+        loss_mask = data["loss_mask"]
+        t_train = time.time() - t_train
+
+        # 6. log aggregates over the whole step
+        n_new = loss_mask.sum(1)  # (B*G,)
+        row = {"reward": rewards.mean(), "reward_std": rewards.std(),
+               "frac_reward_zero_std": float((group_std < 1e-6).float().mean()),
+               "rewards/verdict/mean": rewards.mean(),
+               "verdict_format": float(np.mean([well_formed(t) for t in texts])),
+               "eval_parse_acc": float(np.mean([v == labels[i // G] for i, v in enumerate(verdicts)])),
+               "says_A": float(np.mean([v == "A" for v in verdicts])), "label_A": float(np.mean([y == "A" for y in
+                                                                                                   labels])),
+               "type_tag": float(np.mean([task_type(t) is not None for t in texts])),
+               **stats,
+               "completion_len": float(n_new.float().mean()),
+               "clipped_ratio": float(np.mean([r.stop_reason == "length" for r in rollouts])),
+               "tokens_per_s": float(n_new.sum()) / max(t_gen, 1e-9), "time/generate_s": t_gen,
+               "time/train_s": t_train}
+        logger.log(step, row, keys=keys)
+
+    # 7. pairwise accuracy after training; every judgement in predictions_<set>.jsonl
+    after = {}
+    for prefix, pairs in eval_sets.items():
+        if pairs and args.total_steps > 0:
+            after.update(evaluate(model, tokenizer, pairs, args, logger.dir / f"predictions_{prefix}.jsonl", prefix))
+    if after:
+        print("after:", json.dumps(after))
+    summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
+               "train_pairs": len(train)}
+    if args.save_model and args.total_steps > 0:
+        summary["checkpoint"] = str(save_checkpoint(model, tokenizer, logger.dir / "checkpoint"))
+    print(json.dumps(logger.finish(summary), indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))
