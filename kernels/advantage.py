@@ -81,19 +81,22 @@ def _check_args(logp, advantages, mask, loss_type):
 
 
 def _token_weights(mask, loss_type, max_completion_len, num_active_tokens):
-    """Per-row scale (B,) fp32 such that loss = sum_t scale_b * mask_bt * loss_bt for every reduction."""
-    mask = mask.float()
+    """Per-row scale (B,) fp32 such that loss = sum_t scale_b * mask_bt * loss_bt for every reduction.
+
+    No host-device traffic: a Python number becomes a fill (torch.full), never torch.tensor(...) on the device
+    (a synchronous host-to-device copy on every call), and a device tensor is never read back.
+    """
     B, T = mask.shape
     if loss_type == "grpo":
-        return 1.0 / (B * mask.sum(dim=1).clamp(min=1.0))
-    if loss_type == "bnpo":
-        denom = mask.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        denom = torch.tensor(float(B * (max_completion_len or T)), device=mask.device)
-    else:  # dapo
-        denom = mask.sum() if num_active_tokens is None else torch.as_tensor(num_active_tokens, device=mask.device)
-        denom = denom.float().clamp(min=1.0)
-    return (1.0 / denom).expand(B).contiguous()
+        return 1.0 / (B * mask.float().sum(dim=1).clamp(min=1.0))
+    if loss_type == "dr_grpo":
+        return torch.full((B,), 1.0 / (B * (max_completion_len or T)), device=mask.device, dtype=torch.float32)
+    if loss_type == "bnpo" or num_active_tokens is None:  # bnpo; dapo over this batch only
+        return (1.0 / mask.float().sum().clamp(min=1.0)).expand(B).contiguous()
+    if torch.is_tensor(num_active_tokens) and num_active_tokens.device == mask.device:
+        return (1.0 / num_active_tokens.float().clamp(min=1.0)).expand(B).contiguous()
+    n = float(num_active_tokens)  # a Python number or a host tensor: read on the host, no device sync
+    return torch.full((B,), 1.0 / max(n, 1.0), device=mask.device, dtype=torch.float32)
 
 
 def policy_loss_ref(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, ref_logp=None, beta=0.0,
@@ -120,8 +123,8 @@ def policy_loss_ref(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.
     elif loss_type == "dr_grpo":
         loss = (per_token * maskf).sum() / (B * (max_completion_len or T))
     else:  # dapo
-        n = maskf.sum() if num_active_tokens is None else torch.as_tensor(num_active_tokens, dtype=torch.float32)
-        loss = (per_token * maskf).sum() / n.clamp(min=1.0)
+        n = maskf.sum() if num_active_tokens is None else num_active_tokens
+        loss = (per_token * maskf).sum() / (n.float().clamp(min=1.0) if torch.is_tensor(n) else max(float(n), 1.0))
     with torch.no_grad():
         n_tok = maskf.sum().clamp(min=1.0)
         neg = -log_ratio  # old - new

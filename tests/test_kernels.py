@@ -9,9 +9,12 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,6 +51,48 @@ def _gen(seed):
 def _logits(N, V, dtype, seed=0, scale=3.0):
     x = torch.randn(N, V, generator=_gen(seed)) * scale
     return x.to(DEVICE, dtype)
+
+
+class PeakBytes(TorchDispatchMode):
+    """Peak bytes of the storages allocated inside the block, counted while any tensor viewing them is alive.
+
+    CPU stand-in for torch.cuda.max_memory_allocated: every aten op's outputs are seen; a storage that is not
+    one of the op's inputs' storages is a new allocation (views and in-place results are not).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0  # storage pointer -> [bytes, weakrefs of the tensors viewing it]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {x.untyped_storage().data_ptr() if isinstance(x, torch.Tensor) else x.data_ptr()
+                  for x in tree_leaves((args, kwargs)) if isinstance(x, (torch.Tensor, torch.UntypedStorage))}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0:
+                key = t.untyped_storage().data_ptr()
+                if key in self.live:
+                    self.live[key][1].append(weakref.ref(t))
+                elif key not in inputs:
+                    self.live[key] = [t.untyped_storage().nbytes(), [weakref.ref(t)]]
+        for key in list(self.live):
+            self.live[key][1] = [r for r in self.live[key][1] if r() is not None]
+            if not self.live[key][1]:
+                del self.live[key]
+        self.peak = max(self.peak, sum(n for n, _ in self.live.values()))
+        return out
+
+
+class OpNames(TorchDispatchMode):
+    """Names of the aten ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((str(func), kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------- token_logprobs
@@ -165,6 +210,170 @@ def test_linear_token_logprobs_bf16_vs_gold():
         torch.testing.assert_close(a.float(), b, atol=0.1, rtol=0.05)
 
 
+# ---------------------------------------------------------------- real shapes (issue 12)
+@pytest.mark.parametrize("V", [768, 1000])  # 768 = 3 full 256-blocks (no tail); 1000 ends in a ragged tail
+def test_leading_neg_inf_blocks_stay_finite(V):
+    """A row whose first block(s) are all -inf (a banned-token mask) must give the finite reference, not nan."""
+    x = torch.randn(4, V, generator=_gen(21)) * 3
+    x[0, :256] = float("-inf")  # exactly the first block
+    x[1, :600] = float("-inf")  # two blocks and part of a third
+    x[2, ::3] = float("-inf")
+    x[3, :V - 5] = float("-inf")  # only the last 5 columns finite
+    y = torch.tensor([300, 700, 1, V - 2])
+    g, g_h = torch.randn(4, generator=_gen(22)), torch.randn(4, generator=_gen(23))
+    xk = x.clone().to(DEVICE).requires_grad_()
+    logp, ent = lp_mod.token_logprobs(xk, y.to(DEVICE), 0.9, return_entropy=True)
+    (logp * g.to(DEVICE) + ent * g_h.to(DEVICE)).sum().backward()
+    x32 = x.clone().requires_grad_()
+    ls = torch.log_softmax(x32 / 0.9, -1)
+    p = ls.exp()
+    ent_ref = -(p * torch.where(p > 0, ls, 0.0)).sum(-1)  # 0 log 0 = 0 (the plain reference gives nan here)
+    logp_ref = ls.gather(-1, y[:, None]).squeeze(-1)
+    (logp_ref * g + ent_ref * g_h).sum().backward()
+    torch.testing.assert_close(logp.cpu(), logp_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.cpu(), ent_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(xk.grad.cpu(), x32.grad, atol=1e-5, rtol=1e-5)
+    assert (xk.grad.cpu()[torch.isinf(x)] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("bad", [50, -1])
+def test_out_of_range_targets_raise(backend, bad, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", backend)
+    x = _logits(6, 50, torch.float32)
+    h, w = torch.randn(6, 8, device=DEVICE), torch.randn(50, 8, device=DEVICE)
+    y = torch.arange(6, device=DEVICE)
+    y[4] = bad
+    with pytest.raises(ValueError, match=r"\[0, 50\).* at flat position 4"):
+        lp_mod.token_logprobs(x, y)
+    with pytest.raises(ValueError, match=r"\[0, 50\).* at flat position 4"):
+        lp_mod.linear_token_logprobs(h, w, y)
+    with pytest.raises(TypeError):
+        lp_mod.token_logprobs(x, y.float())
+    with pytest.raises(ValueError, match="do not match"):
+        lp_mod.token_logprobs(x, y[:5])
+
+
+def test_unchecked_bad_target_gives_nan_not_another_rows_logit(monkeypatch):
+    monkeypatch.setattr(lp_mod, "CHECK_TARGETS", False)
+    x = _logits(6, 50, torch.float32)
+    y = torch.arange(6, device=DEVICE)
+    y[4] = 50  # x[4, 50] would be x[5, 0] in memory
+    logp = lp_mod.token_logprobs(x, y)
+    assert torch.isnan(logp[4])
+    keep = torch.tensor([0, 1, 2, 3, 5], device=DEVICE)
+    torch.testing.assert_close(logp[keep], lp_mod.token_logprobs_ref(x[keep], y[keep]), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_unshifted_logits_read_in_place_through_strides(inplace, monkeypatch):
+    """(B, T+1, V) logits with (B, T) targets: the kernels read the model's buffer itself (same storage, no
+    logits-sized allocation); the gradient has the input's shape with 0 on the last position; in-place mode
+    writes it into the logits' own storage."""
+    B, T, V = 3, 7, 300
+    base = (torch.randn(B, T + 1, V, generator=_gen(31)) * 3).to(DEVICE).requires_grad_()
+    logits = base * 1.0  # a non-leaf, as a model output
+    y = torch.randint(0, V, (B, T), generator=_gen(32)).to(DEVICE)
+    g, g_h = torch.randn(B, T, generator=_gen(33)).to(DEVICE), torch.randn(B, T, generator=_gen(34)).to(DEVICE)
+    seen = []
+    fwd, bwd = lp_mod._logprob_fwd, lp_mod._logprob_bwd
+    monkeypatch.setattr(lp_mod, "_logprob_fwd", lambda x3, *a: seen.append(x3) or fwd(x3, *a))
+    monkeypatch.setattr(lp_mod, "_logprob_bwd", lambda x3, dx3, *a: seen.append((x3, dx3)) or bwd(x3, dx3, *a))
+    grads = []
+    logits.register_hook(lambda gr: grads.append((gr.untyped_storage().data_ptr(), gr.detach().clone())))
+    with PeakBytes() as fwd_mem:
+        logp, ent = lp_mod.token_logprobs(logits, y, 0.8, return_entropy=True, inplace_backward=inplace)
+    assert fwd_mem.peak < B * T * V * 4 / 8  # per-row outputs only
+    (logp * g + ent * g_h).sum().backward()
+    ptr = logits.untyped_storage().data_ptr()
+    assert seen[0].untyped_storage().data_ptr() == ptr and seen[0].shape == (B, T, V)
+    assert seen[1][0].untyped_storage().data_ptr() == ptr
+    assert (seen[1][1].untyped_storage().data_ptr() == ptr) == inplace
+    assert (grads[0][0] == ptr) == inplace
+    x32 = base.detach()[:, :-1].float().requires_grad_()
+    logp_ref, ent_ref = lp_mod.token_logprobs_ref(x32, y, 0.8, return_entropy=True)
+    (logp_ref * g + ent_ref * g_h).sum().backward()
+    torch.testing.assert_close(logp, logp_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ent_ref, atol=2e-5, rtol=1e-5)
+    expected = torch.cat([x32.grad, torch.zeros(B, 1, V, device=DEVICE)], dim=1)
+    torch.testing.assert_close(grads[0][1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base.grad, expected, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")  # the reference path takes the same shapes
+    torch.testing.assert_close(lp_mod.token_logprobs(base.detach(), y, 0.8), logp_ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_linear_token_logprobs_3d_hidden(shifted):
+    """(B, T, H) hidden with (B, T) targets, and the unshifted (B, T+1, H) (no copy, last position's grad 0)."""
+    B, T, H, V = 3, 5, 24, 300
+    full = torch.randn(B, T + 1, H, generator=_gen(41)).to(DEVICE)
+    w = (torch.randn(V, H, generator=_gen(42)) * 0.3).to(DEVICE)
+    y = torch.randint(0, V, (B, T), generator=_gen(43)).to(DEVICE)
+    g = torch.randn(B, T, generator=_gen(44)).to(DEVICE)
+    hk = (full if shifted else full[:, :-1].contiguous()).clone().requires_grad_()
+    wk = w.clone().requires_grad_()
+    logp = lp_mod.linear_token_logprobs(hk, wk, y, 0.8, chunk_size=4)
+    (logp * g).sum().backward()
+    h32, w32 = full[:, :-1].clone().requires_grad_(), w.clone().requires_grad_()
+    logp_ref = lp_mod.linear_token_logprobs_ref(h32, w32, y, 0.8)
+    (logp_ref * g).sum().backward()
+    assert logp.shape == (B, T) and hk.grad.shape == hk.shape
+    torch.testing.assert_close(logp, logp_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(hk.grad[:, :T], h32.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wk.grad, w32.grad, atol=1e-5, rtol=1e-5)
+    if shifted:
+        assert (hk.grad[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_linear_token_logprobs_under_autocast(hidden_dtype):
+    """fp32 master weights under bf16 autocast (bf16 or fp32 hidden): forward and backward run, the recomputed
+    logits match the saved lse, gradients come back in the inputs' dtypes, as accurate as eager autocast."""
+    h, w, y, g = _linear_case(torch.float32, V=1000)
+    h = h.to(hidden_dtype)
+
+    def run(fn):
+        hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            logp = fn(hk, wk)
+        (logp.float() * g).sum().backward()  # outside autocast, as a training loop does
+        return logp.float().detach(), hk.grad, wk.grad
+
+    got = run(lambda a, b: lp_mod.linear_token_logprobs(a, b, y, 0.8, chunk_size=16))
+    eager = run(lambda a, b: torch.log_softmax((a @ b.t()).float() / 0.8, -1).gather(-1, y[:, None]).squeeze(-1))
+    gold = _linear_grads(lp_mod.linear_token_logprobs_ref, h.to(torch.bfloat16).float(),
+                         w.to(torch.bfloat16).float(), y, g)
+    assert got[1].dtype == hidden_dtype and got[2].dtype == torch.float32
+    for a, b, c in zip(got, gold, eager):
+        err_kernel, err_eager = (a.float() - b).abs().max(), (c.float() - b).abs().max()
+        assert err_kernel <= 1.5 * err_eager + 1e-3, (err_kernel, err_eager)
+        torch.testing.assert_close(a.float(), b, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("chunk_size,min_slice", [(2, 128), (8, 128), (32, 128), (2, 512)])
+def test_linear_backward_peak_bytes_bounded_by_chunk(chunk_size, min_slice, monkeypatch):
+    """Peak bytes allocated by the backward = its two outputs + one logits tile of about chunk_size x V
+    (+ an fp32 slice accumulator when rows are split too): no V x H fp32 accumulator, no second tile."""
+    monkeypatch.setattr(lp_mod, "MIN_SLICE", min_slice)
+    N, H, V = 24, 32, 1031
+    h, w, y, g = _linear_case(torch.float32, N=N, H=H, V=V)
+    h.requires_grad_()
+    w.requires_grad_()
+    logp = lp_mod.linear_token_logprobs(h, w, y, 0.8, chunk_size=chunk_size)
+    with PeakBytes() as mem:
+        logp.backward(g)
+    width, rows = lp_mod._backward_tiles(N, V, chunk_size)
+    assert rows * width <= max(chunk_size * V, N * min_slice)
+    outputs, tile = (V + N) * H * 4, rows * width * 4
+    acc = width * H * 4 if rows < N else 0
+    assert outputs + tile <= mem.peak <= outputs + tile + acc + 4096, (mem.peak, outputs, tile, acc)
+    if chunk_size < 32:
+        assert mem.peak < outputs + V * H * 4  # below what a V x H fp32 accumulator alone would add
+    ref = _linear_grads(lp_mod.linear_token_logprobs_ref, h, w, y, g)
+    torch.testing.assert_close(h.grad, ref[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, ref[2], atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- group_advantages
 def test_group_advantages_scales():
     r = torch.tensor([1.0, 0.0, 1.0, 2.0, 2.0, 2.0, 0.0, 3.0, 0.5])  # 3 groups of 3; the middle one constant
@@ -251,6 +460,24 @@ def test_policy_loss_first_step_golden(backend, monkeypatch):
     torch.testing.assert_close(loss, (-(adv * mask.float().sum(1) / n)).mean())
 
 
+@pytest.mark.parametrize("loss_type,kw", [("dapo", dict(num_active_tokens=500.0)), ("dapo", dict(num_active_tokens=500)),
+                                          ("dapo", {}), ("dr_grpo", dict(max_completion_len=40)), ("bnpo", {}),
+                                          ("grpo", {})])
+def test_policy_loss_makes_no_host_device_transfer(loss_type, kw):
+    """No torch.tensor(...) built from host data (a synchronous host-to-device copy on a GPU), no .item() and no
+    device change inside policy_loss: one call must queue kernels only."""
+    lp, old, ref, mask, adv = _policy_case(False)
+    with OpNames() as rec:
+        loss, metrics = adv_mod.policy_loss(lp.clone().requires_grad_(), old, adv, mask, 0.2, 0.28, ref, 0.04,
+                                            loss_type, **kw)
+        loss.backward()
+    bad = [(op, k) for op, k in rec.ops if "lift_fresh" in op or "_local_scalar_dense" in op or "item" in op
+           or ("_to_copy" in op and k.get("device") not in (None, torch.device(DEVICE)))]
+    assert not bad, bad
+    loss_ref, _ = adv_mod.policy_loss_ref(lp, old, adv, mask, 0.2, 0.28, ref, 0.04, loss_type, **kw)
+    torch.testing.assert_close(loss.detach(), loss_ref, atol=1e-6, rtol=1e-5)
+
+
 def test_policy_loss_rejects_bad_arguments():
     lp = torch.zeros(2, 3, device=DEVICE)
     with pytest.raises(ValueError):
@@ -306,11 +533,13 @@ target = GPUTarget("cuda", 90, 32)  # H100 / H200
 ptrs = lambda names, t: {n: t for n in names}
 for ent in (False, True):
     sig = dict(ptrs(["x_ptr"], "*bf16"), y_ptr="*i64", **ptrs(["logp_ptr", "lse_ptr", "ent_ptr", "meanz_ptr"], "*fp32"),
-               V="i32", stride_x="i32", INV_T="constexpr", HAS_ENTROPY="constexpr", BLOCK_V="constexpr")
-    consts = dict(INV_T=1.25, HAS_ENTROPY=ent, BLOCK_V=4096)
+               **ptrs(["V", "T", "stride_b", "stride_t"], "i32"), **ptrs(["SCALE", "HAS_ENTROPY", "BLOCK_V"], "constexpr"))
+    consts = dict(SCALE=1.25 * 1.4426950408889634, HAS_ENTROPY=ent, BLOCK_V=4096)
     triton.compile(ASTSource(L._logprob_fwd_kernel, sig, consts), target=target, options=dict(num_warps=8))
     sig = dict(ptrs(["x_ptr", "dx_ptr"], "*bf16"), y_ptr="*i64", **ptrs(["lse_ptr", "meanz_ptr", "g_ptr", "gh_ptr"], "*fp32"),
-               V="i32", stride_x="i32", stride_dx="i32", INV_T="constexpr", HAS_ENTROPY="constexpr", BLOCK_V="constexpr")
+               **ptrs(["V", "T", "stride_b", "stride_t", "dstride_b", "dstride_t", "col0"], "i32"),
+               **ptrs(["SCALE", "INV_T", "HAS_ENTROPY", "BLOCK_V"], "constexpr"))
+    consts = dict(SCALE=1.25 * 1.4426950408889634, INV_T=1.25, HAS_ENTROPY=ent, BLOCK_V=4096)
     triton.compile(ASTSource(L._logprob_bwd_kernel, sig, consts), target=target, options=dict(num_warps=8))
 sig = dict(ptrs(["logp_ptr", "old_ptr", "ref_ptr", "adv_ptr", "mask_ptr", "scale_ptr", "dlogp_ptr", "part_ptr"], "*fp32"),
            n_tokens="i32", T="i32", **ptrs(["CLIP_LOW", "CLIP_HIGH", "BETA", "HAS_REF", "ADV_PER_TOKEN", "BLOCK"], "constexpr"))
