@@ -205,3 +205,22 @@ def test_learning_reward_rises_tiny():
         assert stats["approx_kl"] >= 0 and stats["kl"] >= 0 and 0 <= stats["clipfrac"] <= 1
         curve.append(rewards.mean().item())
     assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3 + 0.4, curve
+
+
+def test_teacher_traces_kept_only_when_verdict_matches(monkeypatch):
+    """The teacher path keeps a trace only when it has exactly one well-formed verdict equal to the label."""
+    import algos.model
+
+    class FakeTeacher:  # replies: right verdict, wrong verdict, both verdicts, right verdict twice
+        replies = iter([TRACE + A, TRACE + A, TRACE + A + B, TRACE + B + B])
+
+        def __init__(self, backend, model_name="", log_path=None):
+            self.backend = backend
+
+        def chat(self, conversations, max_tokens=256, temperature=0.0, n=1):
+            return [next(self.replies)]
+    monkeypatch.setattr(algos.model, "ChatClient", FakeTeacher)
+    pairs = gen.build()[1][:4]  # labels alternate A, B, A, B
+    rows = gen.teacher_rows(pairs, "http://teacher/v1", "m", 64, None, seed=0)
+    assert [r["id"] for r in rows] == [pairs[0]["id"]]
+    assert rows[0]["label"] == "A" and rows[0]["messages"][-1] == {"role": "assistant", "content": TRACE + A}
