@@ -185,12 +185,10 @@ def make_providers(op, shape, device, dtype, use_compile, liger):
             def step():
                 out = f(x, y)
                 objective = -out.sum() if per_token else out  # -sum logp = summed cross-entropy
-                grads = ()
-                if backward:
-                    objective.backward()
-                    grads = (x.grad,)
-                x.grad = None  # freed at the end, so peak memory counts it once
-                return (objective.detach(),) + grads
+                # autograd.grad, not backward(): the gradient w.r.t. the logits as a model's LM head receives
+                # it (no accumulation into a leaf's .grad, which would copy an in-place gradient)
+                grads = torch.autograd.grad(objective, x) if backward else ()
+                return (objective.detach(),) + tuple(grads)
             return step
         fns = {"ours": run(token_logprobs), "eager": run(eager_token_logprobs)}
         if backward:  # the gradient overwrites the logits: its own copy, so the others keep theirs

@@ -513,6 +513,37 @@ def test_gpu_large_vocab_memory_and_values(monkeypatch):
     torch.testing.assert_close(logp, ref, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_linear_backward_and_inplace_memory(monkeypatch):
+    """At a real LM-head shape the linear backward holds its outputs, an fp32 hidden gradient and one tile;
+    the in-place token_logprobs gradient adds almost nothing. (Written without a GPU: not yet run.)"""
+    monkeypatch.setattr(lp_mod, "BLOCK_V", 4096)
+    N, H, V, chunk = 4096, 1536, 151936, 1024
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, H, device="cuda") * H**-0.5).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, V, (N,), device="cuda")
+    logp = lp_mod.linear_token_logprobs(h, w, y, chunk_size=chunk)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    logp.sum().backward()
+    torch.cuda.synchronize()
+    width, rows = lp_mod._backward_tiles(N, V, chunk)
+    bound = V * H * 2 + N * H * (4 + 2 + 2) + rows * width * 2  # dW, fp32 dh + its bf16 copy + a temp, one tile
+    assert torch.cuda.max_memory_allocated() - base < 1.1 * bound + 2**24
+    x = (torch.randn(N, V, device="cuda") * 4).to(torch.bfloat16)
+    logits = x.clone().requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    (grad,) = torch.autograd.grad(lp_mod.token_logprobs(logits, y, inplace_backward=True).sum(), logits)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 0.05 * N * V * 2
+    assert grad.data_ptr() == logits.data_ptr()
+    (expected,) = torch.autograd.grad(lp_mod.token_logprobs(x.requires_grad_(), y).sum(), x)
+    torch.testing.assert_close(grad, expected)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="the kernels already run in this process")
 def test_kernels_in_fresh_process():
     env = dict(os.environ, TRITON_INTERPRET="1", KERNELS_BACKEND="triton")
