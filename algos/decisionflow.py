@@ -420,15 +420,13 @@ def baseline_prompt(item, target, cot):
 
 
 def parse_answer(text, n_choices):
-    """Index of the chosen letter: the last 'Answer: X' in the reply, or a reply that is only the letter ('B',
-    '(B)', 'B.'). Anything else, or a letter past the choices, is None (unparseable, scored wrong)."""
-    found = re.findall(r"answer\s*(?:is)?\s*[:\-=]?\s*\**\s*\(?\s*([A-Ja-j])\b", text or "", flags=re.I)
-    if not found:
-        found = re.findall(r"^\W*([A-Ja-j])\W*$", (text or "").strip())
-    if not found:
-        return None
-    j = "ABCDEFGHIJ".index(found[-1].upper())
-    return j if j < n_choices else None
+    """Index of the chosen letter: the last 'Answer: X' in the reply, else a reply that is only the letter ('B',
+    '(B)', 'B.'), else a reply that opens with a lettered choice ('B. Carry the nurse...'). Anything else, or a
+    letter past the choices, is None (unparseable, scored wrong)."""
+    text, ok = (text or "").strip(), "ABCDEFGHIJ"[:n_choices]  # capital letters only: "answer is a ..." is no A
+    found = (re.findall(rf"(?i:answer)\s*(?:is)?\s*[:\-=]?\s*\**\s*\(?\s*([{ok}])\b", text)
+             or re.findall(rf"^\W*([{ok}])\W*$", text) or re.findall(rf"^\(?([{ok}])[.)]\s", text))
+    return ok.index(found[-1]) if found else None
 
 
 def majority(answers):
