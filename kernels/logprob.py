@@ -217,9 +217,11 @@ def _logprob_bwd(x3, dx3, targets, lse, mean_z, g, g_h, temperature, col0=0):
 
 def _backward_tiles(N, V, chunk_size):
     """(vocabulary slice width, rows per tile) so that a logits tile holds about chunk_size * V elements."""
-    budget = max(int(chunk_size), 1) * V
-    width = min(V, max(MIN_SLICE, budget // max(N, 1) // 128 * 128))
-    return width, min(max(N, 1), max(1, budget // width))
+    budget, N = max(int(chunk_size), 1) * V, max(N, 1)
+    width = min(V, max(MIN_SLICE, budget // N))
+    slices = -(-V // width)
+    width = min(V, max(MIN_SLICE, -(-V // slices) + 127 & ~127))  # equal slices (no thin last one), 128-aligned
+    return width, (N if N * width <= budget + 128 * N else max(1, budget // width))
 
 
 # ----------------------------------------------------------------------------------------------------------
