@@ -4,11 +4,10 @@
   GGUF, de-quantised once to fp32 safetensors in a cache folder), "tiny" (a random 2-layer Llama with the same
   tokenizer, for tests), or any hub id / local folder (e.g. a checkpoint written by `save_checkpoint`).
 - `encode_chat`: token ids of a conversation and its `loss_mask` (1 on assistant tokens and their end-of-turn token).
-- `Rollout`, `start_rollouts`, `generate`, `append_tokens`, `collate`: RL sampling. `generate` appends sampled tokens
-  (loss_mask 1, with their log-probs); the caller may append tool output (loss_mask 0) and generate again.
-- `sequence_logprobs`: differentiable per-token log-probs through the fused kernels (no [N, V] fp32 tensor).
-- `ChatClient`: one small interface for LLM roles (judge, evaluator, proposer, decision steps): a local transformers
-  model or any OpenAI-compatible `/v1/chat/completions` endpoint.
+- `Rollout`, `start_rollouts`, `generate`, `append_tokens`, `collate`: RL sampling, tool output in between (mask 0);
+  `sequence_logprobs`: differentiable per-token log-probs through the fused kernels (no [N, V] fp32 tensor). Both
+  run a prefix shared by several rows once (a GRPO group's prompt; exact, gradients included).
+- `ChatClient`: one interface for LLM roles: a local model or any OpenAI-compatible `/v1/chat/completions` endpoint.
 - `arg`/`parse_args`, `RunLogger`, `save_checkpoint`: the plumbing every script shares.
 """
 import argparse
@@ -20,14 +19,14 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+import urllib.request  # also loads urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -53,12 +52,9 @@ def parse_args(cls, argv=None):
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), f.type if isinstance(f.type, type) else eval(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
-                                metavar="BOOL", help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
+        typed = {"type": kind} if kind is not bool else {"type": lambda s: s.lower() in ("1", "true", "yes"),
+                                                         "metavar": "BOOL"}
+        parser.add_argument(flag, default=default, help=f"{f.metadata.get('help', '')} (default: {default})", **typed)
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -76,12 +72,10 @@ def _embedded_smollm2() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     # transformers marks a GGUF-loaded model as quantised and refuses to save it: rebuild it from a clean config.
-    config = gguf_model.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    del gguf_model.config.quantization_config
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    save_checkpoint(model, tokenizer, out)
-    return out
+    return save_checkpoint(model, tokenizer, out)
 
 
 def _tiny(tokenizer):
@@ -102,10 +96,7 @@ def load_model(name="smollm2-135m", device=None, dtype=torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # SmolLM2: pad = eos = <|im_end|>; loss_mask never uses pad
-    if name == "tiny":
-        model = _tiny(tokenizer)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = _tiny(tokenizer) if name == "tiny" else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
@@ -116,26 +107,19 @@ def render_chat(tokenizer, messages, add_generation_prompt=False) -> str:
 
 
 def encode_chat(tokenizer, messages):
-    """Token ids of a conversation and its loss_mask: 1 on each assistant message's content and end-of-turn token.
-
-    The template is rendered prefix by prefix, so each assistant span is exactly what `generate` would have sampled
-    after the generation prompt; system, user and tool turns (and the newline after end-of-turn) get 0.
-    """
+    """Token ids of a conversation and its loss_mask: 1 on each assistant message's content and end-of-turn token
+    (rendered prefix by prefix: exactly what `generate` samples after the generation prompt), 0 elsewhere."""
     ids, mask, done = [], [], ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    for i in [i for i, message in enumerate(messages) if message["role"] == "assistant"]:
         prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         turn = render_chat(tokenizer, messages[: i + 1])
         assert prompt.startswith(done) and turn.startswith(prompt), "chat template is not prefix-stable"
         end = turn.index(tokenizer.eos_token, len(prompt)) + len(tokenizer.eos_token)
         for text, m in ((prompt[len(done):], 0), (turn[len(prompt):end], 1)):
             piece = tokenizer.encode(text, add_special_tokens=False)
-            ids += piece
-            mask += [m] * len(piece)
+            ids, mask = ids + piece, mask + [m] * len(piece)
         done = turn[:end]
-    rest = render_chat(tokenizer, messages)[len(done):]
-    piece = tokenizer.encode(rest, add_special_tokens=False)
+    piece = tokenizer.encode(render_chat(tokenizer, messages)[len(done):], add_special_tokens=False)
     return ids + piece, mask + [0] * len(piece)
 
 
@@ -157,12 +141,9 @@ class Rollout:
 def start_rollouts(tokenizer, prompts, n=1):
     """One rollout per prompt, each repeated n times in a row (a GRPO group is rollouts[i*n:(i+1)*n]).
     A prompt is a list of chat messages (the generation prompt is added) or an already formatted string."""
-    out = []
-    for p in prompts:
-        text = p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        out += [Rollout(list(ids), [0] * len(ids), [0.0] * len(ids), len(ids)) for _ in range(n)]
-    return out
+    texts = [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    return [Rollout(list(x), [0] * len(x), [0.0] * len(x), len(x)) for x in ids for _ in range(n)]
 
 
 def append_tokens(rollout, ids):
@@ -174,92 +155,151 @@ def append_tokens(rollout, ids):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(), batch_size=None):
-    """Sample up to max_new_tokens for every rollout that is not done; returns the new text of each rollout.
-
-    Left-padded batches with a KV cache. A rollout stops at EOS (kept, loss_mask 1), when its new text contains a
-    stop string, or at the length limit. temperature=0 is greedy (log-probs then at temperature 1).
-    """
-    texts = [""] * len(rollouts)
-    todo = [i for i, r in enumerate(rollouts) if not r.done]
-    batch_size = batch_size or max(len(todo), 1)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        for i, text in zip(chunk, _generate_batch(model, tokenizer, [rollouts[i] for i in chunk], max_new_tokens,
-                                                  temperature, stop)):
-            texts[i] = text
-    return texts
-
-
-def _generate_batch(model, tokenizer, rollouts, max_new_tokens, temperature, stop):
-    device, B = next(model.parameters()).device, len(rollouts)
-    width = max(len(r.token_ids) for r in rollouts)
-    ids = torch.full((B, width), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros((B, width), dtype=torch.long)
-    for b, r in enumerate(rollouts):  # left padding: every row's next token lands in the last column
-        ids[b, width - len(r.token_ids):] = torch.tensor(r.token_ids)
-        attn[b, width - len(r.token_ids):] = 1
-    ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in the right-padded training pass
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(), batch_size=None, share_prefix=True):
+    """Sample up to max_new_tokens for every rollout not done -> the new text of each. Rows that begin alike (n copies,
+    later turns too) prefill that prefix once (share_prefix; same distribution). A rollout stops at EOS (kept, loss_mask
+    1), at a stop string in its new text, or at the length limit. temperature=0: greedy (log-probs at temperature 1)."""
+    todo, step = [r for r in rollouts if not r.done], batch_size or max(len(rollouts), 1)
+    if not todo or len(todo) < len(rollouts) or len(todo) > step:  # only rollouts not done, a batch at a time
+        texts = iter([t for s in range(0, len(todo), step) for t in generate(
+            model, tokenizer, todo[s:s + step], max_new_tokens, temperature, stop, None, share_prefix)])
+        return [next(texts) if any(r is x for x in todo) else "" for r in rollouts]
+    device, B, seqs = next(model.parameters()).device, len(rollouts), [list(r.token_ids) for r in rollouts]
+    group, shared = prefix_groups(seqs) if share_prefix else (list(range(B)), [0] * B)
+    _, own, hidden, attn, kv, _ = _shared_forward(model, seqs, group, shared, device)  # each prefix once, then the rows
+    logits = model.get_output_embeddings()(hidden[torch.arange(B), attn[:, -own.shape[1]:].sum(1) - 1])  # (B, V)
+    cache = DynamicCache([layer.seen for layer in kv])
+    pos = torch.tensor([[len(x)] for x in seqs], device=device)  # (B, 1): the next token's position
     new = [[] for _ in range(B)]
     tail = max([len(tokenizer.encode(s, add_special_tokens=False)) for s in stop] + [0]) + 2
     for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-            logp = torch.log_softmax(logits, -1)
-        else:
-            logp = torch.log_softmax(logits / temperature, -1)
-            nxt = torch.multinomial(logp.exp(), 1).squeeze(-1)
+        logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)  # (B, V)
+        nxt = logits.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
         chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
-        for b, r in enumerate(rollouts):
-            if r.done:
-                continue
+        for b, r in [(b, r) for b, r in enumerate(rollouts) if not r.done]:
             t = int(nxt[b])
             r.token_ids.append(t), r.loss_mask.append(1), r.logprobs.append(chosen[b]), new[b].append(t)
-            if t == tokenizer.eos_token_id:
-                r.done, r.stop_reason = True, "eos"
-            elif stop and any(s in tokenizer.decode(new[b][-tail:]) for s in stop):
-                r.done, r.stop_reason = True, "stop"
-            elif len(new[b]) == max_new_tokens:
-                r.done, r.stop_reason = True, "length"
+            hit = stop and any(s in tokenizer.decode(new[b][-tail:]) for s in stop)
+            r.stop_reason = "eos" if t == tokenizer.eos_token_id else "stop" if hit else \
+                "length" if len(new[b]) == max_new_tokens else ""
+            r.done = bool(r.stop_reason)
         if all(r.done for r in rollouts):
             break
-        attn, pos = torch.cat([attn, attn.new_ones(B, 1)], dim=1), pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+        pos = pos + 1
     return [tokenizer.decode(n) for n in new]
 
 
 def collate(rollouts, pad_id, device=None):
     """Right-padded (B, T) tensors: input_ids, attention_mask, loss_mask, sample_logp (position t = token t)."""
-    T = max(len(r.token_ids) for r in rollouts)
-    def pad(rows, value, dtype):
-        return torch.tensor([x + [value] * (T - len(x)) for x in rows], dtype=dtype, device=device)
-    return {
-        "input_ids": pad([r.token_ids for r in rollouts], pad_id, torch.long),
-        "attention_mask": pad([[1] * len(r.token_ids) for r in rollouts], 0, torch.long),
-        "loss_mask": pad([r.loss_mask for r in rollouts], 0, torch.float32),
-        "sample_logp": pad([r.logprobs for r in rollouts], 0.0, torch.float32),
-    }
+    ids, attn = _pad([r.token_ids for r in rollouts], pad_id, device)
+    mask, logp = (torch.tensor([getattr(r, k) + [0] * (ids.shape[1] - len(r.token_ids)) for r in rollouts],
+                               dtype=torch.float32, device=device) for k in ("loss_mask", "logprobs"))
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": mask, "sample_logp": logp}
 
 
-def sequence_logprobs(model, input_ids, attention_mask, temperature=1.0, return_entropy=False):
-    """(B, T) fp32: position t holds log p(token t | tokens < t) (position 0 holds 0). Differentiable.
+# ---------------------------------------------------------------- shared prefixes and training log-probs
+def prefix_groups(seqs):
+    """Rows that begin with the same tokens -> (group of each row, shared length per group). Sorted, a row joins the
+    group before it when they share >= half of its shared length (at most all but the last token of each row)."""
+    group, shared, prev = [0] * len(seqs), [], None
+    for i in sorted(range(len(seqs)), key=lambda i: seqs[i]):
+        n = min(len(os.path.commonprefix([seqs[prev], seqs[i]])), len(seqs[i]) - 1) if shared else 0
+        if n > 0 and 2 * n >= shared[-1]:
+            shared[-1] = min(shared[-1], n)
+        else:
+            shared.append(max(len(seqs[i]) - 1, 0))
+        group[i], prev = len(shared) - 1, i
+    return group, shared
 
-    Runs the transformer body, then the fused LM-head + log-prob kernel on its hidden states, so the [B*T, V] logits
-    are never held at once. With return_entropy, logits are formed (entropy needs the full row) and also returned
-    is the (B, T) entropy of each position's predictive distribution.
-    """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    head = model.get_output_embeddings()
-    B, T, H = hidden.shape
-    h, targets = hidden[:, :-1].reshape(-1, H), input_ids[:, 1:].reshape(-1)
+
+class _PrefixKV(DynamicLayer):
+    """A cache layer that puts fixed keys/values (B, heads, S, d) before the new ones without storing anything, so a
+    forward replayed by activation checkpointing sees the same; `seen` holds the last keys/values attended to."""
+    def __init__(self, keys=None, values=None):
+        super().__init__()
+        self.keys, self.values, self.is_initialized = keys, values, keys is not None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.seen = (key_states, value_states) if not self.is_initialized else (
+            torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2))
+        return self.seen
+
+
+def _pad(rows, pad_id, device):
+    """Right-padded (ids, attention_mask) of token lists."""
+    fill = [[0] * (max(map(len, rows)) - len(r)) for r in rows]
+    return (torch.tensor([r + [pad_id] * len(f) for r, f in zip(rows, fill)], dtype=torch.long, device=device),
+            torch.tensor([[1] * len(r) + f for r, f in zip(rows, fill)], dtype=torch.long, device=device))
+
+
+def _shared_forward(model, seqs, group, shared, device):
+    """Each group's prefix once (G, S), then each row's own tokens (B, W) after its prefix's keys/values, copied per row
+    -> prefix states (G, S, H) or None, own (B, W), their states, mask (B, S + W), cache layers, (group, shared)."""
+    idx, s = torch.tensor(group, device=device), torch.tensor([[shared[g]] for g in group], device=device)  # (B, 1)
+    pre_ids, pre_attn = _pad([seqs[group.index(g)][:n] for g, n in enumerate(shared)], 0, device)
+    kv, h_pre = [_PrefixKV() for _ in model.base_model.layers], None
+    if pre_ids.shape[1]:
+        h_pre = model.base_model(input_ids=pre_ids, attention_mask=pre_attn, past_key_values=Cache(layers=kv),
+                                 use_cache=True).last_hidden_state
+    rows = [_PrefixKV(*(x[idx] for x in layer.seen)) if h_pre is not None else _PrefixKV() for layer in kv]
+    ids, attn = _pad([x[shared[g]:] for x, g in zip(seqs, group)], 0, device)
+    attn = torch.cat([pre_attn[idx], attn], 1)
+    h_row = model.base_model(input_ids=ids, attention_mask=attn, position_ids=s + torch.arange(ids.shape[1]).to(s),
+                             past_key_values=Cache(layers=rows), use_cache=True).last_hidden_state
+    return h_pre, ids, h_row, attn, rows, (idx, s)
+
+
+def _head_logprobs(model, hidden, targets, temperature, return_entropy):
+    """[log-probs, entropies or None] of targets (...) from hidden states (..., H): no [N, V] tensor without entropy."""
+    head, h, y = model.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if return_entropy or head.bias is not None:
-        logp, ent = token_logprobs(head(h), targets, temperature, return_entropy=True)
-        return F.pad(logp.view(B, T - 1), (1, 0)), F.pad(ent.view(B, T - 1), (1, 0))
-    return F.pad(linear_token_logprobs(h, head.weight, targets, temperature).view(B, T - 1), (1, 0))
+        return [x.view(targets.shape) for x in token_logprobs(head(h), y, temperature, return_entropy=True)]
+    return [linear_token_logprobs(h, head.weight, y, temperature).view(targets.shape), None]
+
+
+def sequence_logprobs(model, input_ids, attention_mask, temperature=1.0, return_entropy=False, share_prefix=True,
+                      checkpointing=False):
+    """(B, T) fp32, differentiable: position t holds log p(token t | tokens < t) (0 at t = 0), through the fused LM-head
+    kernel (no [B*T, V] logits). return_entropy: also (B, T) entropies. share_prefix: shared_prefix_logprobs when rows
+    share prefixes (>= 10% of tokens). checkpointing: per decoder layer (less memory, a second forward pass)."""
+    layers, n = list(model.base_model.layers) if checkpointing else [], attention_mask.sum(1)
+    for layer in layers:  # each decoder layer keeps only its inputs and recomputes the rest in backward
+        layer.forward = lambda *a, f=layer.forward, **k: checkpoint(f, *a, use_reentrant=False, **k)
+    try:
+        if share_prefix and bool((attention_mask == (torch.arange(attention_mask.shape[1]).to(n) < n[:, None])).all()):
+            group, shared = prefix_groups([r[:k] for r, k in zip(input_ids.tolist(), n.tolist())])
+            if sum(shared[g] for g in group) - sum(shared) >= 0.1 * float(n.sum()):
+                return shared_prefix_logprobs(model, input_ids, attention_mask, temperature, return_entropy)
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        out = [x if x is None else torch.nn.functional.pad(x, (1, 0)) * attention_mask for x in _head_logprobs(
+            model, hidden[:, :-1], input_ids[:, 1:], temperature, return_entropy)]
+        return tuple(out) if return_entropy else out[0]
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def shared_prefix_logprobs(model, input_ids, attention_mask, temperature=1.0, return_entropy=False):
+    """sequence_logprobs for right-padded rows that share prefixes (prefix_groups): each prefix runs once, its keys and
+    values serve all its rows, and autograd adds their gradients: the same log-probs and gradients, up to rounding."""
+    device, T, lengths = input_ids.device, input_ids.shape[1], attention_mask.sum(1)
+    seqs = [r[:n] for r, n in zip(input_ids.tolist(), lengths.tolist())]
+    group, shared = prefix_groups(seqs)
+    h_pre, own, h_row, attn, _, (idx, s) = _shared_forward(model, seqs, group, shared, device)
+    S, W = attn.shape[1] - own.shape[1], own.shape[1]
+    # log-probs: positions 1..s-1 once per group; from s on per row (the prefix's last state predicts token s)
+    h_row = torch.cat([h_pre[idx, s[:, 0] - 1][:, None], h_row[:, :-1]], 1)  # (B, W, H): k predicts token s + k
+    pre_ids = input_ids[[group.index(g) for g in range(len(shared))], 1:S]  # (G, S-1)
+    pre = _head_logprobs(model, h_pre[:, :-1], pre_ids, temperature, return_entropy)  # (G, S-1)
+    row = _head_logprobs(model, h_row, own, temperature, return_entropy)  # (B, W)
+    t = torch.arange(T, device=device)
+    src = torch.where(t < s, t - 1, S - 1 + t - s).clamp(0, S + W - 2)  # (B, T): position t's column in [pre | row]
+    valid = (t >= 1) & (t < lengths[:, None])
+    out = [torch.where(valid, torch.cat([p[idx], r], 1).gather(1, src), 0.0) for p, r in zip(pre, row) if r is not None]
+    return tuple(out) if return_entropy else out[0]
 
 
 # ---------------------------------------------------------------- chat client for LLM roles
@@ -269,14 +309,11 @@ class ChatError(RuntimeError):
 
 class ChatClient:
     """One interface for LLM roles: `chat(conversations, max_tokens, temperature, n)` -> n replies per conversation,
-    grouped (reply j of conversation i at i * n + j).
-
-    backend: an http(s) base URL ending in /v1 for any OpenAI-compatible server (vLLM, Ollama, OpenAI, `transformers
-    serve`; `model_name` names the served model, $OPENAI_API_KEY is sent if set), "policy" with `local=(model,
-    tokenizer)` to reuse a loaded model, or a name for load_model. Remote calls retry connection errors, timeouts and
-    HTTP 429/5xx with backoff; anything else, or a reply without choices[0].message.content, raises ChatError naming
-    the endpoint and what came back. With `log_path`, every prompt and reply is appended there as JSONL.
-    """
+    grouped (reply j of conversation i at i * n + j). backend: an http(s) base URL ending in /v1 for any OpenAI-
+    compatible server (vLLM, Ollama, OpenAI, `transformers serve`; `model_name` names the served model, sends
+    $OPENAI_API_KEY if set), "policy" with `local=(model, tokenizer)` to reuse a loaded model, or a load_model name.
+    Remote calls retry connection errors, timeouts and HTTP 429/5xx with backoff; anything else, or a reply without
+    choices[0].message.content, raises ChatError naming the endpoint and what came back. log_path: JSONL of calls."""
 
     def __init__(self, backend, model_name="", timeout=60.0, retries=2, log_path=None, local=None, batch_size=16):
         self.backend, self.model_name, self.timeout, self.retries = backend, model_name, timeout, retries
@@ -286,12 +323,9 @@ class ChatClient:
             self.model, self.tokenizer = local if backend == "policy" else load_model(backend)
 
     def chat(self, conversations, max_tokens=256, temperature=0.0, n=1):
-        if self.remote:
-            replies = [self._post(c, max_tokens, temperature) for c in conversations for _ in range(n)]
-        else:
-            rollouts = start_rollouts(self.tokenizer, conversations, n=n)
-            replies = [t.split(self.tokenizer.eos_token)[0] for t in generate(
-                self.model, self.tokenizer, rollouts, max_tokens, temperature, batch_size=self.batch_size)]
+        replies = [self._post(c, max_tokens, temperature) for c in conversations for _ in range(n)] if self.remote \
+            else [t.split(self.tokenizer.eos_token)[0] for t in generate(self.model, self.tokenizer, start_rollouts(
+                self.tokenizer, conversations, n=n), max_tokens, temperature, batch_size=self.batch_size)]
         self.calls += len(replies)
         if self.log_path:
             with open(self.log_path, "a") as f:
@@ -301,8 +335,7 @@ class ChatClient:
         return replies
 
     def _post(self, messages, max_tokens, temperature):
-        url = self.backend.rstrip("/") + "/chat/completions"
-        key = os.environ.get("OPENAI_API_KEY")
+        url, key = self.backend.rstrip("/") + "/chat/completions", os.environ.get("OPENAI_API_KEY")
         body = {"model": self.model_name, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
         request = urllib.request.Request(url, json.dumps(body).encode(), {
             "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
@@ -332,11 +365,9 @@ def save_checkpoint(model, tokenizer, path):
     """A checkpoint plain `from_pretrained` (and `load_model(path)`) reloads. Written to a temporary folder, then
     renamed into place: an interrupted save leaves the previous checkpoint, never a half-written one."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp, old = (path.with_name(f"{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = path.with_name(f"{path.name}.old{os.getpid()}")
+    model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)
     if path.exists():
         path.rename(old)
     tmp.rename(path)

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from algos.model import (RunLogger, append_tokens, arg, collate, encode_chat, generate, load_model, parse_args,
-                         render_chat, save_checkpoint, sequence_logprobs, start_rollouts)
+                         prefix_groups, render_chat, save_checkpoint, sequence_logprobs, shared_prefix_logprobs,
+                         start_rollouts)
 
 CONVERSATION = [
     {"role": "system", "content": "You may use tools."},
@@ -73,6 +74,62 @@ def test_sampling_logprobs_match_the_training_forward(tiny):
     mask = batch["loss_mask"].bool()
     assert mask.sum() == sum(sum(x.loss_mask) for x in rollouts)
     torch.testing.assert_close(logp[mask], batch["sample_logp"][mask], atol=1e-4, rtol=1e-4)
+
+
+def _two_turn_rollouts(model, tokenizer, temperature, share_prefix):
+    """3 prompts of different lengths x 3 copies; a tool turn appended to two rows, then a second generate."""
+    torch.manual_seed(0)
+    rollouts = start_rollouts(tokenizer, ["Hi", CONVERSATION[:2], "Tell me a story about a cat, please"], n=3)
+    generate(model, tokenizer, rollouts, 6, temperature, share_prefix=share_prefix)
+    for r in (rollouts[1], rollouts[4]):
+        append_tokens(r, tokenizer.encode("\n<|im_start|>tool\n- Output: 4183<|im_end|>\n", add_special_tokens=False))
+    generate(model, tokenizer, rollouts, 5, temperature, share_prefix=share_prefix)
+    return rollouts
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prefix_sampling_matches_unshared(tiny, temperature):
+    """Prefilling each distinct prefix once and copying its keys/values samples the same tokens (same seed) with the
+    same log-probs as running every row on its own, over two turns with padding and different prompt lengths."""
+    model, tokenizer = tiny
+    shared = _two_turn_rollouts(model, tokenizer, temperature, share_prefix=True)
+    alone = _two_turn_rollouts(model, tokenizer, temperature, share_prefix=False)
+    for a, b in zip(shared, alone):
+        assert a.token_ids == b.token_ids and a.loss_mask == b.loss_mask and a.stop_reason == b.stop_reason
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-5, atol=1e-5)
+    group, length = prefix_groups([r.token_ids[:r.prompt_len] + [7] for r in shared])
+    assert group == [group[0]] * 3 + [group[3]] * 3 + [group[6]] * 3 and len(set(group)) == 3
+    assert sorted(length) == sorted(r.prompt_len for r in shared[::3])  # the whole prompt is shared
+    assert prefix_groups([[1, 2, 3], [1, 2, 3], [9]]) == ([0, 0, 1], [2, 0])  # at most all but the last token
+
+
+def test_shared_prefix_training_is_exact(tiny):
+    """shared_prefix_logprobs (each prompt forward once, its keys/values serving the group) gives the log-probs,
+    entropies and parameter gradients of the row-by-row computation, fp32; with activation checkpointing too."""
+    model, tokenizer = tiny
+    rollouts = _two_turn_rollouts(model, tokenizer, 1.0, share_prefix=True)
+    batch = collate(rollouts, tokenizer.pad_token_id)
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    assert len({r.prompt_len for r in rollouts}) == 3 and len({len(r.token_ids) for r in rollouts}) > 3
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(fn, **kwargs):
+        copy = load_model("tiny", device="cpu")[0]
+        logp, ent = fn(copy, ids, attn, temperature=0.7, return_entropy=True, **kwargs)
+        ((logp * weights + 0.1 * ent) * mask).sum().backward()
+        return logp * mask, ent * mask, [p.grad for p in copy.parameters()]
+
+    reference = run(sequence_logprobs, share_prefix=False)
+    for fn, kwargs in [(shared_prefix_logprobs, {}), (sequence_logprobs, {"checkpointing": True})]:
+        logp, ent, grads = run(fn, **kwargs)
+        torch.testing.assert_close(logp, reference[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent, reference[1], rtol=1e-5, atol=1e-5)
+        for g, g_ref in zip(grads, reference[2]):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    # the log-probs are those the sampler recorded (temperature 1 there): the exact path also serves ratio == 1
+    with torch.no_grad():
+        logp = shared_prefix_logprobs(model, ids, attn)
+    torch.testing.assert_close(logp * mask, batch["sample_logp"], rtol=1e-4, atol=1e-4)
 
 
 def test_checkpoint_reloads_with_plain_transformers(tiny, tmp_path):
