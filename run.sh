@@ -83,7 +83,34 @@ exp_iteralign() {  # extra arguments go to every iteralign.py call, e.g. bash ru
   "$PY" algos/iteralign.py --exp-name iteralign_final --eval-only true --model "$model" --report-runs "$runs" "$@"
 }
 
-EXPERIMENTS="grpo_toolrl sft rmr1 iteralign"
+exp_otc_ppo() {  # extra arguments go to both RL arms, e.g. bash run.sh otc_ppo --estimator grpo --total-steps 20
+  local sft_size=(--max-steps 16 --lr 2e-4) ckpt  # ~12 min on 2 busy CPU cores
+  [ "$GPU" = 1 ] && sft_size=(--max-steps 40 --lr 1e-4)
+  # 1. knowledge-boundary QA + corpus (committed in data/; remade only if missing: needs the embedded model)
+  [ -s data/otc_train.jsonl ] || "$PY" data/make_otc_qa.py
+  # 2. SFT warm start in the rollout format: cold, a 135M model never writes <search>/<answer>
+  "$PY" algos/sft.py --exp-name otc_sft --train-file data/otc_sft.jsonl --eval-file "" --decision-rows 0 \
+    "${sft_size[@]}"
+  ckpt=$(ls -td runs/otc_sft__1__*/checkpoint | head -1)
+  # 3. the same RL budget, seed and start with the Search-R1 reward (EM) and with the OTC reward (EM x tool reward)
+  "$PY" algos/otc_ppo.py --model "$ckpt" --reward em --exp-name otc_arm_em "$@"
+  "$PY" algos/otc_ppo.py --model "$ckpt" --reward otc --exp-name otc_arm_otc --eval-before false "$@"
+  # 4. EM, TC (calls per question) and TP (correct / calls) on the held-out questions
+  "$PY" - <<'PY'
+import glob, json
+def last(name):
+    return json.load(open(sorted(glob.glob(f"runs/{name}__1__*/summary.json"))[-1]))
+em, otc = last("otc_arm_em"), last("otc_arm_otc")
+cols = [("start", em, "before/"), ("reward em", em, "after/"), ("reward otc", otc, "after/")]
+fmt = lambda v: "-" if v is None else f"{v:.3f}"
+print("| test questions | " + " | ".join(c for c, _, _ in cols) + " |\n|---|" + "---|" * len(cols))
+for kind in ["", "/memory", "/1hop", "/2hop"]:
+    for m in ("em", "tc", "tp"):
+        print(f"| {m.upper()}{kind or ' (all)'} | " + " | ".join(fmt(s.get(p + m + kind)) for _, s, p in cols) + " |")
+PY
+}
+
+EXPERIMENTS="grpo_toolrl sft rmr1 iteralign otc_ppo"
 cmd="${1:-grpo_toolrl}"
 [ $# -gt 0 ] && shift
 setup

@@ -1,0 +1,606 @@
+"""OTC: tool-efficient RL (PPO with a value head and GAE, or GRPO) on multi-turn Search-R1-style search rollouts.
+
+Paper: Wang et al. 2025, "Acting Less is Reasoning More! Teaching Model to Act Efficiently" (OTC, arXiv 2504.14870),
+on the Search-R1 recipe (Jin et al. 2025, arXiv 2503.09516). The policy thinks, searches with <search> q </search>,
+reads the passages the environment returns in <information> ... </information> (never trained on: loss_mask 0) and
+answers with <answer> a </answer>. `--reward em` is Search-R1's exact-match reward; `--reward otc` multiplies it by
+the OTC tool reward: cos(m pi / (2m + c)) for PPO, and for GRPO a reward that peaks when the m calls of a rollout
+equal n, the fewest calls any correct rollout of that question has needed so far.
+
+Differences from the paper and Search-R1, and why:
+1. Value model: one linear value head on the policy's last hidden state, on a detached trunk by default (the
+   paper: a separate critic LLM with its own lr). On a 2-core CPU a second 135M trunk doubles every forward and
+   backward; a value loss flowing into the shared trunk (`--value-grad-to-trunk true`) would move the policy's
+   features at the head's much larger lr. The head is saved as checkpoint/value_head.pt.
+2. Retrieved passages come back as a `tool` chat turn holding <information> ... </information> (Search-R1 splices
+   them into the assistant's own text). A chat model then sees a real turn structure, and algos/sft.py's masking
+   trains the warm start on exactly the token layout the rollouts produce.
+3. Retrieval: BM25 (bm25s) over a small fictional + real-fact corpus in data/ (the paper: E5 over Wikipedia 2018);
+   `--retriever http://host:port` uses a Search-R1 retrieval server instead (POST /retrieve).
+4. Data: data/make_otc_qa.py's knowledge-boundary QA with a known optimal call count (0, 1 or 2) per question,
+   instead of NQ + HotpotQA; the warm start (run.sh) imitates an over-searching policy (it searches on about half
+   of the questions it could answer from memory), the behaviour OTC exists to remove.
+5. Scale: SmolLM2-135M, 12 steps of 16 rollouts on a CPU, lr 2e-5 (paper: 7B, actor lr 1e-6, critic 1e-5).
+6. No correct rollout of a question yet: OTC-GRPO has no n and falls back to the OTC-PPO form (the paper is silent;
+   the product with EM is 0 then anyway, only the logged tool reward sees it).
+7. KL: 0.001 as in the paper, in the reward (k1 per token, verl's PPO default) for PPO and as a k3 loss for GRPO
+   (`--kl-mode` switches either way). No entropy bonus by default (it needs the full logits).
+8. Calls: only executed searches count; a search written after the c-th one ends the rollout unexecuted.
+
+Usage:
+    python data/make_otc_qa.py                                   # corpus + QA (already committed in data/)
+    bash run.sh otc_ppo                                          # SFT warm start, then EM vs OTC, table of EM/TC/TP
+    python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo
+    python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
+Expected at the defaults (2-core CPU, after run.sh's warm start): about 1 min per step; EM about the same in both
+arms, fewer calls per question with --reward otc, mostly on the memory questions. Measured: README.md.
+"""
+import copy
+import json
+import math
+import random
+import re
+import string
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from algos.model import (RunLogger, arg, collate, generate, load_model, parse_args, render_chat,  # noqa: E402
+                         save_checkpoint, start_rollouts, append_tokens)
+from kernels.advantage import group_advantages, policy_loss  # noqa: E402
+from kernels.logprob import linear_token_logprobs, token_logprobs  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = arg("otc_ppo", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
+    seed: int = arg(1, "seed for python, numpy and torch")
+    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. an SFT checkpoint)")
+    runs_dir: str = arg("runs", "where run folders go")
+    train_file: str = arg("data/otc_train.jsonl", "QA rows for RL (data/make_otc_qa.py)")
+    test_file: str = arg("data/otc_test.jsonl", "held-out QA rows for EM / TC / TP")
+    corpus_file: str = arg("data/otc_corpus.jsonl", "passages for the local BM25 index")
+    retriever: str = arg("bm25", "bm25 (local index of corpus_file) | http://host:port of a Search-R1 server")
+    retrieval_timeout: float = arg(10.0, "seconds to wait for the retrieval server")
+    topk: int = arg(3, "passages per search (paper: 3)")
+    estimator: str = arg("ppo", "ppo (value head + GAE, Search-R1 PPO) | grpo (group-normalised outcome reward)")
+    reward: str = arg("otc", "em (Search-R1: exact match only) | otc (EM x OTC tool reward)")
+    max_calls: int = arg(4, "c: most searches per rollout, then one last turn without search (paper: 4)")
+    total_steps: int = arg(12, "RL steps (rollout + update)")
+    prompts_per_step: int = arg(0, "questions per step; 0 = auto: 16 / group_size")
+    group_size: int = arg(0, "rollouts per question; 0 = auto: 1 for ppo, 4 for grpo (paper's GRPO: 5)")
+    max_turn_tokens: int = arg(48, "sampled tokens per assistant turn")
+    temperature: float = arg(1.0, "sampling temperature")
+    lr: float = arg(2e-5, "policy Adam lr (paper: 1e-6 for 7B and ~1000 steps)")
+    critic_lr: float = arg(1e-3, "value head lr (paper's critic: 1e-5, a whole LLM)")
+    value_grad_to_trunk: bool = arg(False, "let the value loss train the shared trunk (docstring, difference 1)")
+    vf_coef: float = arg(0.5, "value loss weight")
+    clip_value: float = arg(0.2, "value clip range around the rollout-time value (PPO's clipped value loss)")
+    gamma: float = arg(1.0, "GAE discount (Search-R1: 1)")
+    lam: float = arg(1.0, "GAE lambda (Search-R1: 1)")
+    whiten: bool = arg(True, "whiten PPO advantages over sampled tokens of the batch (Search-R1/verl)")
+    beta: float = arg(0.001, "KL coefficient to the frozen start (paper: 0.001); 0 skips the reference model")
+    kl_mode: str = arg("auto", "reward (k1 in the PPO reward) | loss (k3) | auto: ppo reward, grpo loss (Search-R1)")
+    ent_coef: float = arg(0.0, "entropy bonus (needs full logits; Search-R1: 0.001)")
+    num_minibatches: int = arg(2, "optimizer steps per rollout batch")
+    ppo_epochs: int = arg(1, "passes over the rollout batch")
+    micro_batch_size: int = arg(4, "sequences per forward/backward")
+    clip_low: float = arg(0.2, "PPO clip epsilon below 1")
+    clip_high: float = arg(0.2, "PPO clip epsilon above 1")
+    loss_type: str = arg("dapo", "reduction: dapo (token mean over the minibatch, verl) | bnpo | grpo | dr_grpo")
+    adv_scale: str = arg("group", "GRPO advantage scaling: group | batch | none (Dr. GRPO)")
+    adv_eps: float = arg(1e-6, "GRPO advantage epsilon (verl: 1e-6)")
+    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (no-grad pass)")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    eval_before: bool = arg(True, "score the test set before training too")
+    eval_items: int = arg(0, "test rows scored (0 = all)")
+    gen_batch_size: int = arg(32, "sequences per generation batch")
+    save_model: bool = arg(True, "save the trained model and value head to <run>/checkpoint")
+
+
+def resolve_defaults(args):
+    """Fill auto fields; check the choices before any model is loaded."""
+    assert args.estimator in ("ppo", "grpo") and args.reward in ("em", "otc"), "--estimator ppo|grpo, --reward em|otc"
+    args.group_size = args.group_size or (1 if args.estimator == "ppo" else 4)
+    args.prompts_per_step = args.prompts_per_step or max(16 // args.group_size, 1)
+    args.kl_mode = {"auto": "reward" if args.estimator == "ppo" else "loss"}.get(args.kl_mode, args.kl_mode)
+    assert args.kl_mode in ("reward", "loss"), "--kl-mode reward|loss|auto"
+    assert (args.prompts_per_step * args.group_size) % args.num_minibatches == 0, "minibatches must split the batch"
+    return args
+
+
+# ---------------------------------------------------------------- prompt and actions
+PROMPT = """Answer the question below. First think briefly between <think> and </think>. If you need a fact you \
+do not know, search for it with <search> query </search>; the results come back between <information> and \
+</information>. Every search has a cost, so search only for what you cannot answer yourself. When you are ready, \
+write the short final answer between <answer> and </answer>.
+Question: {question}"""
+STOPS = ("</search>", "</answer>")
+INVALID = "Invalid action. To search, write <search> query </search>. To answer, write <answer> answer </answer>."
+ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+
+
+def build_messages(question):
+    return [{"role": "user", "content": PROMPT.format(question=question)}]
+
+
+def parse_action(text):
+    """("search", query) | ("answer", answer) | ("invalid", "") for one assistant turn. Never raises."""
+    found = ACTION.search(text or "")
+    return (found.group(1), found.group(2).strip()) if found else ("invalid", "")
+
+
+def format_docs(docs):
+    """Passages as the policy reads them inside <information>: 'Doc 1(Title: t) text' lines (Search-R1)."""
+    body = "\n".join(f"Doc {i}(Title: {d['title']}) {d['text']}" for i, d in enumerate(docs, 1))
+    return f"<information>{body or 'No results.'}</information>"
+
+
+def env_wrap(tokenizer):
+    """(before, after): the chat-template text around a tool turn's content, from the end of an assistant turn to
+    the start of the next one, e.g. ChatML '<|im_end|>\\n<|im_start|>tool\\n' and '<|im_end|>\\n<|im_start|>assistant\\n'."""
+    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "tool", "content": "B"}]
+    text = render_chat(tokenizer, msgs, add_generation_prompt=True)
+    tail = text[text.rindex("A") + 1:]
+    return tail[:tail.rindex("B")], tail[tail.rindex("B") + 1:]
+
+
+# ---------------------------------------------------------------- rewards (pure functions)
+def normalize_answer(s: str) -> str:
+    """SQuAD/Search-R1 normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def em_reward(answer, golds) -> float:
+    """1.0 when the extracted answer equals one gold answer after normalisation; 0.0 otherwise or with no answer."""
+    if not isinstance(answer, str):
+        return 0.0
+    return float(normalize_answer(answer) in {normalize_answer(g) for g in golds})
+
+
+def otc_ppo_tool_reward(m: int, c: int) -> float:
+    """OTC-PPO: cos(m pi / (2m + c)): 1 at m = 0, falling towards cos(pi/2) = 0 as m grows; c = call budget."""
+    return 1.0 if m == 0 else math.cos(m * math.pi / (2 * m + c))
+
+
+def otc_grpo_tool_reward(m: int, n, c: int) -> float:
+    """OTC-GRPO with n = fewest calls of a correct rollout of this question so far (None: none correct yet).
+    m = n = 0 -> 1; n = 0 < m -> cos(m pi / (2m + c)); else sin(f pi / (2n)), f = 2nm / (m + n), which is 1 at
+    m = n and smaller on both sides. n None falls back to the OTC-PPO form (docstring, difference 5)."""
+    if n is None or n == 0:
+        return otc_ppo_tool_reward(m, c)
+    return math.sin((2 * n * m / (m + n)) * math.pi / (2 * n))
+
+
+def otc_rewards(episodes, rows, args, best_calls):
+    """Named reward components per rollout. For OTC-GRPO, best_calls (question id -> fewest calls of a correct
+    rollout) is updated with this batch first, so n covers this group and every earlier visit."""
+    em = [em_reward(e["answer"], rows[i // args.group_size]["answers"]) for i, e in enumerate(episodes)]
+    for i, e in enumerate(episodes):
+        qid = rows[i // args.group_size]["id"]
+        if em[i] == 1.0:
+            best_calls[qid] = min(best_calls.get(qid, e["calls"]), e["calls"])
+    out = []
+    for i, e in enumerate(episodes):
+        if args.estimator == "grpo":
+            tool = otc_grpo_tool_reward(e["calls"], best_calls.get(rows[i // args.group_size]["id"]), args.max_calls)
+        else:
+            tool = otc_ppo_tool_reward(e["calls"], args.max_calls)
+        out.append({"em": em[i], "tool": tool, "total": em[i] * tool if args.reward == "otc" else em[i]})
+    return out
+
+
+# ---------------------------------------------------------------- GAE, whitening, losses (pure functions)
+def gae(rewards, values, mask, gamma=1.0, lam=1.0):
+    """GAE over the sampled tokens only (mask 1): (advantages, returns), both (B, T) and 0 where mask is 0.
+    values[t] is V of the state before token t. A retrieved span between two sampled tokens is part of the
+    environment's transition: the bootstrap of the last token before it is V at the next sampled token."""
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last_gae, next_value = rewards.new_zeros(B), rewards.new_zeros(B)
+    for t in reversed(range(T)):
+        m = mask[:, t] > 0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        g = delta + gamma * lam * last_gae
+        adv[:, t] = torch.where(m, g, 0.0)
+        last_gae = torch.where(m, g, last_gae)
+        next_value = torch.where(m, values[:, t], next_value)
+    return adv, (adv + values) * mask
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the masked entries; 0 elsewhere."""
+    n = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def value_loss(values, old_values, returns, mask, clip):
+    """PPO's clipped value loss per token, 0.5 max((V - R)^2, (V_clip - R)^2), summed over the mask (B, T)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return (0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2) * mask).sum()
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over sampled tokens: 1 = perfect critic, 0 = no better than a constant; nan when
+    the returns do not vary (as CleanRL)."""
+    r, v = returns[mask > 0], values[mask > 0]
+    return float("nan") if r.numel() < 2 or r.var() < 1e-12 else float(1 - (r - v).var() / r.var())
+
+
+def forward(model, value_head, input_ids, attention_mask, temperature=1.0, entropy=False, detach_trunk=True):
+    """One pass of the shared trunk -> (logp, values, entropy), each (B, T); position t is about token t (0 at t=0).
+    Log-probs go through the fused LM-head kernel as model.sequence_logprobs; values come from the value head on the
+    hidden state before token t (None without a head); entropy needs full logits (None unless asked)."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    head = model.get_output_embeddings()
+    B, T, H = hidden.shape
+    h, targets = hidden[:, :-1].reshape(-1, H), input_ids[:, 1:].reshape(-1)
+    ent = None
+    if entropy or head.bias is not None:
+        logp, ent = token_logprobs(head(h), targets, temperature, return_entropy=True)
+        ent = F.pad(ent.view(B, T - 1), (1, 0))
+    else:
+        logp = linear_token_logprobs(h, head.weight, targets, temperature)
+    values = None
+    if value_head is not None:
+        values = F.pad(value_head(hidden[:, :-1].detach() if detach_trunk else hidden[:, :-1]).squeeze(-1), (1, 0))
+    return F.pad(logp.view(B, T - 1), (1, 0)), values, (ent if entropy else None)
+
+
+# ---------------------------------------------------------------- retrieval
+class RetrievalError(RuntimeError):
+    """The retrieval server could not be reached in time or sent a reply that is not Search-R1's format."""
+
+
+class BM25Retriever:
+    """Local BM25 (bm25s) over passages {"id", "title", "text"}; search(queries, topk) -> per query a list of
+    {"title", "text", "score"}; passages with score 0 (no word in common) are not returned."""
+
+    def __init__(self, passages):
+        import bm25s
+        self.bm25s, self.passages = bm25s, passages
+        self.index = bm25s.BM25()
+        self.index.index(self._tok([f"{p['title']} {p['text']}" for p in passages]), show_progress=False)
+
+    def _tok(self, texts):
+        return self.bm25s.tokenize(texts, stopwords="en", show_progress=False)
+
+    def search(self, queries, topk):
+        if not queries:
+            return []
+        k = min(topk, len(self.passages))
+        docs, scores = self.index.retrieve(self._tok([q or "-" for q in queries]), k=k, show_progress=False)
+        return [[{**{f: self.passages[int(d)][f] for f in ("title", "text")}, "score": float(s)}
+                 for d, s in zip(row_d, row_s) if s > 0] for row_d, row_s in zip(docs, scores)]
+
+
+class SearchR1Client:
+    """Client of a Search-R1 retrieval server: POST <url>/retrieve {"queries", "topk", "return_scores": true} ->
+    {"result": [[{"document": {"contents": "\\"Title\\"\\ntext"}, "score": s}, ...] per query]}."""
+
+    def __init__(self, url, timeout=10.0):
+        self.url, self.timeout = url.rstrip("/") + "/retrieve", timeout
+
+    def search(self, queries, topk):
+        if not queries:
+            return []
+        body = json.dumps({"queries": list(queries), "topk": topk, "return_scores": True}).encode()
+        request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:
+            raise RetrievalError(f"{self.url}: HTTP {e.code}: {e.read()[:300]!r}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise RetrievalError(f"{self.url}: no reply within {self.timeout} s ({e})") from None
+        try:
+            result = json.loads(raw)["result"]
+            assert isinstance(result, list) and len(result) == len(queries)
+            return [[self._doc(hit) for hit in hits] for hits in result]
+        except (ValueError, KeyError, TypeError, AssertionError, AttributeError, IndexError):
+            raise RetrievalError(f"{self.url}: not a Search-R1 /retrieve reply for {len(queries)} queries: "
+                                 f"{raw[:300]!r}") from None
+
+    @staticmethod
+    def _doc(hit):
+        doc, score = (hit["document"], hit["score"]) if "document" in hit else (hit, None)
+        title, _, text = doc["contents"].partition("\n")
+        return {"title": title.strip().strip('"'), "text": text.strip(), "score": score}
+
+
+# ---------------------------------------------------------------- data
+QA_FIELDS = {"id": str, "question": str, "answers": list, "kind": str, "optimal_calls": int}
+
+
+def load_jsonl(path, fields):
+    """Rows of a JSONL file; a bad line, a missing field or a field of the wrong type stops the run with file,
+    line and field."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: not a JSON object")
+            for k, kind in fields.items():
+                if k not in row:
+                    raise ValueError(f"{path}:{i}: missing field {k!r}")
+                if not isinstance(row[k], kind) or (kind is list and not all(isinstance(a, str) for a in row[k])):
+                    raise ValueError(f"{path}:{i}: field {k!r} is not a {kind.__name__}"
+                                     + (" of strings" if kind is list else ""))
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- rollout and evaluation
+def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
+    """Multi-turn rollouts, n per question in a row: generate until </search> or </answer>; a search runs and its
+    passages come back as a tool turn (loss_mask 0); an invalid turn gets the corrective message; after max_calls
+    searches one last turn runs whose search is not executed. Returns (rollouts, episodes: calls, invalid, answer)."""
+    rollouts = start_rollouts(tokenizer, [build_messages(q) for q in questions], n=n)
+    episodes = [{"calls": 0, "invalid": 0, "answer": None} for _ in rollouts]
+    finished, (before, after) = [False] * len(rollouts), env_wrap(tokenizer)
+    for turn in range(args.max_calls + 1):
+        for r, f in zip(rollouts, finished):
+            r.done = f
+        texts = generate(model, tokenizer, rollouts, args.max_turn_tokens, temperature, stop=STOPS,
+                         batch_size=args.gen_batch_size)
+        searches, last = [], turn == args.max_calls
+        for i, (r, text) in enumerate(zip(rollouts, texts)):
+            if finished[i]:
+                continue
+            kind, content = parse_action(text.split(tokenizer.eos_token)[0])
+            if kind == "answer":
+                episodes[i]["answer"], finished[i] = content, True
+            elif kind == "search" and not last:
+                searches.append((i, content))
+            else:
+                episodes[i]["invalid"] += kind == "invalid"
+                finished[i] = last
+                if not last:
+                    _env_turn(tokenizer, r, INVALID, before, after)
+        for (i, query), docs in zip(searches, retriever.search([q for _, q in searches], args.topk)):
+            episodes[i]["calls"] += 1
+            _env_turn(tokenizer, rollouts[i], format_docs(docs), before, after)
+        if all(finished):
+            break
+    for r in rollouts:
+        r.done = True
+    return rollouts, episodes
+
+
+def _env_turn(tokenizer, rollout, content, before, after):
+    """Close the assistant turn (unless it ended with EOS) and add a tool turn + the next assistant header."""
+    ended = rollout.token_ids[-1] == tokenizer.eos_token_id
+    text = (before[len(tokenizer.eos_token):] if ended and before.startswith(tokenizer.eos_token) else before)
+    append_tokens(rollout, tokenizer.encode(text + content + after, add_special_tokens=False))
+
+
+def summarize(episodes, rows, em):
+    """EM, TC (mean calls per question), TP (correct answers / calls; None with no call), overall and per kind."""
+    out = {}
+    for kind in ["all"] + sorted({r["kind"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if kind in ("all", r["kind"])]
+        calls, correct = sum(episodes[i]["calls"] for i in idx), sum(em[i] for i in idx)
+        key = "" if kind == "all" else f"/{kind}"
+        out.update({f"em{key}": correct / len(idx), f"tc{key}": calls / len(idx),
+                    f"tp{key}": correct / calls if calls else None})
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, rows, retriever, args, path):
+    """Greedy multi-turn rollouts on the test rows -> EM / TC / TP; one prediction per line in path."""
+    _, episodes = run_episodes(model, tokenizer, [r["question"] for r in rows], retriever, args, 1, 0.0)
+    em = [em_reward(e["answer"], r["answers"]) for e, r in zip(episodes, rows)]
+    with open(path, "w") as f:
+        for r, e, ok in zip(rows, episodes, em):
+            f.write(json.dumps({"id": r["id"], "kind": r["kind"], "optimal_calls": r["optimal_calls"], "em": ok,
+                                **e}, ensure_ascii=False) + "\n")
+    return summarize(episodes, rows, em)
+
+
+def _forward_in_chunks(model, value_head, data, args):
+    ids, attn, n, outs = data["input_ids"], data["attention_mask"], args.micro_batch_size, []
+    for s in range(0, len(ids), n):
+        outs.append(forward(model, value_head, ids[s:s + n], attn[s:s + n], args.temperature)[:2])
+    return torch.cat([o[0] for o in outs]), (None if value_head is None else torch.cat([o[1] for o in outs]))
+
+
+def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
+    """Scale of a micro-batch loss so that the accumulated gradient equals the minibatch reduction."""
+    if loss_type == "bnpo":
+        return tokens / max(mini_tokens, 1.0)
+    return 1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
+
+
+def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, ref_logp=None, old_values=None,
+               returns=None):
+    """ppo_epochs x num_minibatches optimizer steps on one rollout batch, each accumulated over micro-batches.
+    advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO, then old_values and returns (N, T) train the
+    value head). ref_logp enters the loss as k3 only with kl_mode=loss. Returns token-weighted mean metrics."""
+    loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens only; prompt, tool turns and padding 0
+    assert loss_mask.sum() > 0, "empty loss_mask"
+    N, ppo = len(loss_mask), returns is not None
+    kl_ref = ref_logp if args.kl_mode == "loss" else None
+    stats, mini = {}, N // args.num_minibatches
+    for epoch in range(args.ppo_epochs):
+        perm = torch.randperm(N)
+        for m in range(args.num_minibatches):
+            idx = perm[m * mini:(m + 1) * mini]
+            mini_tokens = float(loss_mask[idx].sum())
+            optimizer.zero_grad(set_to_none=False)
+            for s in range(0, len(idx), args.micro_batch_size):
+                mb = idx[s:s + args.micro_batch_size]
+                width = int(data["attention_mask"][mb].sum(1).max())  # trim right padding
+                mask = loss_mask[mb, :width]
+                logp, values, ent = forward(model, value_head if ppo else None, data["input_ids"][mb, :width],
+                                            data["attention_mask"][mb, :width], args.temperature,
+                                            args.ent_coef > 0, not args.value_grad_to_trunk)  # (b, T) each
+                adv = advantages[mb, :width] if advantages.dim() == 2 else advantages[mb]
+                loss, metrics = policy_loss(
+                    logp, old_logp[mb, :width], adv, mask, args.clip_low, args.clip_high,
+                    None if kl_ref is None else kl_ref[mb, :width], args.beta, args.loss_type,
+                    max_completion_len=args.max_turn_tokens * (args.max_calls + 1), num_active_tokens=mini_tokens)
+                n_tok = float(mask.sum())
+                total = loss * micro_weight(args.loss_type, len(mb), len(idx), n_tok, mini_tokens)
+                if ppo:  # value loss: token mean over the minibatch
+                    v_loss = value_loss(values, old_values[mb, :width], returns[mb, :width], mask, args.clip_value)
+                    total = total + args.vf_coef * v_loss / max(mini_tokens, 1.0)
+                    metrics["value_loss"] = v_loss.detach() / max(n_tok, 1.0)
+                if ent is not None:
+                    ent_sum = (ent * mask).sum()
+                    total = total - args.ent_coef * ent_sum / max(mini_tokens, 1.0)
+                    metrics["entropy"] = ent_sum.detach() / max(n_tok, 1.0)
+                total.backward()
+                if epoch == 0 and m == 0 and s == 0:  # nothing updated yet: the policy is still the sampler
+                    ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
+                    assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
+                        f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
+                assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
+                for k, v in [("policy_loss", loss.item())] + [(k, float(v)) for k, v in metrics.items()]:
+                    stats.setdefault(k if k != "kl" else "kl_loss", []).append((v, n_tok))
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            stats.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
+            optimizer.step()
+    return {k: sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1e-9) for k, vals in stats.items()}
+
+
+def main(args):
+    args = resolve_defaults(args)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    device = next(model.parameters()).device
+    train = load_jsonl(args.train_file, QA_FIELDS)
+    tests = load_jsonl(args.test_file, QA_FIELDS)[:args.eval_items or None]
+    retriever = SearchR1Client(args.retriever, args.retrieval_timeout) if args.retriever.startswith("http") else \
+        BM25Retriever(load_jsonl(args.corpus_file, {"id": str, "title": str, "text": str}))
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    value_head = None
+    if args.estimator == "ppo":
+        value_head = torch.nn.Linear(model.config.hidden_size, 1).to(device)
+        head_file = Path(args.model) / "value_head.pt"
+        if head_file.exists():  # resume the critic with its policy
+            value_head.load_state_dict(torch.load(head_file))
+        else:
+            torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
+    print(f"train questions: {len(train)}, test questions: {len(tests)}, estimator {args.estimator}, "
+          f"reward {args.reward}, {args.prompts_per_step} x {args.group_size} rollouts per step")
+    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir)
+
+    # 0. EM / TC / TP of the starting model
+    t0 = time.time()
+    before = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions_before.jsonl") \
+        if args.eval_before and tests else {}
+    print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
+
+    groups = [{"params": model.parameters(), "lr": args.lr}]
+    if value_head is not None:
+        groups.append({"params": value_head.parameters(), "lr": args.critic_lr})
+    optimizer = torch.optim.Adam(groups)
+    order, cursor, B, G = list(range(len(train))), len(train), args.prompts_per_step, args.group_size
+    best_calls = {}  # OTC-GRPO: question id -> fewest calls of a correct rollout so far
+    keys = ["reward", "rewards/em/mean", "tool_calls", "rewards/tool/mean", "value_loss", "explained_variance", "kl",
+            "approx_kl", "clipfrac", "time/generate_s", "time/train_s"]
+    for step in tqdm(range(args.total_steps), desc=args.estimator, disable=not sys.stderr.isatty()):
+        # 1. multi-turn rollouts: G per question, searches executed by the retriever
+        batch = []
+        while len(batch) < B:
+            if cursor >= len(order):
+                random.shuffle(order)
+                cursor = 0
+            batch.append(train[order[cursor]])
+            cursor += 1
+        t_gen = time.time()
+        rollouts, episodes = run_episodes(model, tokenizer, [r["question"] for r in batch], retriever, args, G,
+                                          args.temperature)
+        t_gen, kinds = time.time() - t_gen, [r["kind"] for r in batch for _ in range(G)]
+
+        # 2. rewards: EM, the OTC tool reward and their product (or EM alone)
+        t_train = time.time()
+        comps = otc_rewards(episodes, batch, args, best_calls)
+        rewards = torch.tensor([c["total"] for c in comps])  # (B*G,)
+        assert torch.isfinite(rewards).all(), "non-finite reward"
+
+        # 3. old_logp, ref_logp and the rollout-time values (no grad)
+        data = collate(rollouts, tokenizer.pad_token_id, device)
+        loss_mask = data["loss_mask"]  # (B*G, T)
+        with torch.no_grad():
+            old_logp, old_values = data["sample_logp"], None
+            if value_head is not None or args.old_logp == "recompute":
+                recomputed, old_values = _forward_in_chunks(model, value_head, data, args)
+                old_logp = recomputed if args.old_logp == "recompute" else old_logp
+            ref_logp = None if ref_model is None else _forward_in_chunks(ref_model, None, data, args)[0]
+            delta = None if ref_logp is None else (ref_logp - old_logp) * loss_mask
+            kl = None if delta is None else float(((delta.exp() - delta - 1) * loss_mask).sum() / loss_mask.sum())
+
+        # 4. advantages: GAE on per-token rewards (PPO) or group-normalised outcome rewards (GRPO)
+        returns = None
+        if args.estimator == "ppo":
+            last = (loss_mask * torch.arange(loss_mask.shape[1], device=device)).argmax(1)  # last sampled token
+            token_rewards = torch.zeros_like(loss_mask)
+            token_rewards[torch.arange(len(last)), last] = rewards.to(device)  # outcome reward on the last token
+            if args.kl_mode == "reward" and ref_logp is not None:
+                token_rewards = token_rewards - args.beta * (old_logp - ref_logp) * loss_mask  # k1 per token
+            advantages, returns = gae(token_rewards, old_values * loss_mask, loss_mask, args.gamma, args.lam)
+            ev = explained_variance(old_values, returns, loss_mask)
+            advantages = masked_whiten(advantages, loss_mask) if args.whiten else advantages  # (B*G, T)
+        else:
+            advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps).to(device)  # (B*G,)
+
+        # 5. clipped policy loss (+ clipped value loss) over minibatches
+        stats = ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, ref_logp, old_values,
+                           returns)
+        t_train = time.time() - t_train
+
+        # 6. log aggregates over the whole step
+        n_new = loss_mask.sum(1)
+        calls = [e["calls"] for e in episodes]
+        row = {"reward": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else 0.0,
+               **{f"rewards/{k}/mean": float(np.mean([c[k] for c in comps])) for k in ("em", "tool")},
+               **stats, **({"kl": kl} if kl is not None else {}),
+               **({"explained_variance": ev} if returns is not None else {}),
+               "tool_calls": float(np.mean(calls)),
+               **{f"tool_calls/{k}": float(np.mean([c for c, j in zip(calls, kinds) if j == k])) for k in set(kinds)},
+               "invalid_actions": float(np.mean([e["invalid"] for e in episodes])),
+               "completion_len": float(n_new.float().mean()),
+               "tokens_per_s": float(n_new.sum()) / max(t_gen, 1e-9), "time/generate_s": t_gen,
+               "time/train_s": t_train}
+        if G > 1:
+            row["frac_reward_zero_std"] = float((rewards.view(B, G).std(1) < 1e-6).float().mean())
+        logger.log(step, row, keys=keys)
+
+    # 7. EM / TC / TP after training
+    after = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions.jsonl") \
+        if tests and args.total_steps > 0 else {}
+    print("after:", json.dumps(after))
+    summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
+               "test_questions": len(tests), "train_questions": len(train)}
+    if args.save_model and args.total_steps > 0:
+        summary["checkpoint"] = str(save_checkpoint(model, tokenizer, logger.dir / "checkpoint"))
+        if value_head is not None:
+            torch.save(value_head.state_dict(), logger.dir / "checkpoint" / "value_head.pt")
+    print(json.dumps(logger.finish(summary), indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))
