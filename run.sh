@@ -46,7 +46,7 @@ exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh gr
 }
 
 exp_rmr1() {  # extra arguments go to the GRPO stage, e.g. bash run.sh rmr1 --total-steps 20
-  local sft_size=(--max-steps 40 --eval-every 20 --eval-rows 16) ckpt  # CPU: 160 of the 240 traces
+  local sft_size=(--max-steps 30 --eval-every 15 --eval-rows 12) ckpt  # CPU: 120 of the 240 traces
   [ "$GPU" = 1 ] && sft_size=(--max-steps 60 --batch-size 16 --eval-every 20 --eval-rows 0)
   # 1. synthetic pairs + offline Chain-of-Rubrics traces (seconds), and the real BIG-bench HHH pairs
   [ -s data/generated/rmr1_sft_train.jsonl ] || "$PY" data/make_rmr1_cor.py

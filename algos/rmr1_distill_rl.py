@@ -17,8 +17,8 @@ Differences from the paper and the released code:
    data/make_hhh.py) instead of RewardBench / RM-Bench / RMB; `load_pairs` also reads RewardBench-format rows
    (prompt/chosen/rejected/subset). Every pair is scored in BOTH orders (the released evaluation swaps A/B at random
    once), so accuracy cannot be won by a position preference; we also report the position-consistency rate.
-3. Model and scale: SmolLM2-135M-Instruct; on a CPU 6 steps of 4 prompts x 4 samples, 160 new tokens, HHH scored on
-   a fixed hashed subset of 4 short items per category and the synthetic set on 6 pairs per category (on a GPU: 200
+3. Model and scale: SmolLM2-135M-Instruct; on a CPU 4 steps of 2 prompts x 4 samples, 160 new tokens, HHH scored on
+   a fixed hashed subset of 3 short items per category and the synthetic set on 4 pairs per category (on a GPU: 200
    steps of 32 prompts x 7, 1024 new tokens, all items); the paper: 7B-32B models, group 7, responses up to 8192
    tokens, lr 1e-6. Our lr is 1e-5 (a 135M model and a handful of steps).
 4. The training label slot is drawn per prompt with a seeded coin (the released data alternates which slot holds the
@@ -70,8 +70,8 @@ class Args:
     hhh_file: str = arg("data/generated/hhh_alignment.jsonl", "BIG-bench HHH pairs (data/make_hhh.py; '' = skip)")
     rewardbench_file: str = arg("", "optional RewardBench-format JSONL (prompt, chosen, rejected, subset) to score")
     runs_dir: str = arg("runs", "where run folders go")
-    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 6 on CPU, 200 on GPU")
-    prompts_per_step: int = arg(0, "pairs per step; 0 = auto: 4 on CPU, 32 on GPU")
+    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 4 on CPU, 200 on GPU")
+    prompts_per_step: int = arg(0, "pairs per step; 0 = auto: 2 on CPU, 32 on GPU")
     group_size: int = arg(0, "samples per prompt G; 0 = auto: 4 on CPU, 7 on GPU (paper: 7)")
     max_new_tokens: int = arg(0, "trace length limit; 0 = auto: 160 on CPU, 1024 on GPU (paper: 8192)")
     max_prompt_tokens: int = arg(0, "drop pairs whose prompt is longer; 0 = auto: 640 on CPU, 4096 on GPU")
@@ -92,10 +92,10 @@ class Args:
     window: int = arg(80, "verdict_reward reads only the last `window` characters (released code: 80)")
     label_slot: str = arg("random", "slot of the chosen response in training prompts: random (seeded coin) | "
                                     "alternate (as the released data)")
-    eval_per_category: int = arg(0, "synthetic held-out pairs per category; 0 = auto: 6 on CPU, all on GPU; -1 = all")
-    hhh_per_category: int = arg(0, "HHH items per category (fixed hashed subset of those that fit); 0 = auto: 4 on "
+    eval_per_category: int = arg(0, "synthetic held-out pairs per category; 0 = auto: 4 on CPU, all on GPU; -1 = all")
+    hhh_per_category: int = arg(0, "HHH items per category (fixed hashed subset of those that fit); 0 = auto: 3 on "
                                    "CPU, all on GPU; -1 = all")
-    eval_max_new_tokens: int = arg(0, "greedy tokens at evaluation; 0 = auto: 160 on CPU, 1024 on GPU")
+    eval_max_new_tokens: int = arg(0, "greedy tokens at evaluation; 0 = auto: 150 on CPU, 1024 on GPU")
     eval_max_prompt_tokens: int = arg(0, "skip eval pairs with longer prompts; 0 = auto: 640 on CPU, 4096 on GPU")
     gen_batch_size: int = arg(16, "sequences per generation batch")
     eval_only: bool = arg(False, "only score --model on the eval sets (no training)")
@@ -105,10 +105,10 @@ class Args:
 def resolve_defaults(args):
     """Fill the auto (0) fields: small on a CPU (run.sh must finish in ~40 min on 2 cores), larger on a GPU."""
     gpu = torch.cuda.is_available()
-    for name, cpu_value, gpu_value in [("total_steps", 6, 200), ("prompts_per_step", 4, 32), ("group_size", 4, 7),
+    for name, cpu_value, gpu_value in [("total_steps", 4, 200), ("prompts_per_step", 2, 32), ("group_size", 4, 7),
                                        ("max_new_tokens", 160, 1024), ("max_prompt_tokens", 640, 4096),
-                                       ("eval_per_category", 6, -1), ("hhh_per_category", 4, -1),
-                                       ("eval_max_new_tokens", 160, 1024), ("eval_max_prompt_tokens", 640, 4096)]:
+                                       ("eval_per_category", 4, -1), ("hhh_per_category", 3, -1),
+                                       ("eval_max_new_tokens", 150, 1024), ("eval_max_prompt_tokens", 640, 4096)]:
         if getattr(args, name) == 0:
             setattr(args, name, gpu_value if gpu else cpu_value)
     args.total_steps = 0 if args.eval_only else args.total_steps
