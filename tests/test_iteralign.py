@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from algos.iteralign import (COU_TEMPLATE, GENERAL_PRINCIPLES, PRINCIPLES, Args, Oracle, attack_prompt,
-                             hhh_choice_messages, hhh_metrics, iterate, iteration_batch, load_hhh, load_redteam,
-                             load_truthfulqa_mc1, merge_constitutions, next_token_logprobs, parse_constitutions,
-                             parse_verdict, reflection_messages, reply_logprobs, rule_constitutions, rule_verdict,
-                             truthfulqa_mc1)
+from algos.iteralign import (CHOICE_MARKER, COU_TEMPLATE, GENERAL_PRINCIPLES, PRINCIPLES, Args, Oracle,
+                             attack_prompt, continuation_scores, evaluate_hhh, hhh_choice_messages, hhh_metrics,
+                             iterate, iteration_batch, load_hhh, load_redteam, load_truthfulqa_mc1,
+                             merge_constitutions, parse_constitutions, parse_verdict, prompt_rows, reflection_messages,
+                             reply_rows, rule_constitutions, rule_verdict, truthfulqa_mc1)
 from algos.model import RunLogger, encode_chat, load_model, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def test_hhh_metrics_hand_checked():
     # item 1: rejected more likely; picks A in both orders (position bias): right once (first order) of two
     ll_chosen, ll_rejected = [-5.0, -9.0], [-7.0, -8.0]
     ab = [[[-0.1, -2.0], [-3.0, -0.2]], [[-0.5, -1.0], [-0.4, -1.5]]]
-    m = hhh_metrics(items, ll_chosen, ll_rejected, ab)
+    m = hhh_metrics(items, ab, ll_chosen, ll_rejected)
     assert m["hhh/harmless"] == 1.0 and m["hhh_both/harmless"] == 1.0 and m["hhh_ll/harmless"] == 1.0
     assert m["hhh/honest"] == 0.5 and m["hhh_both/honest"] == 0.0 and m["hhh_ll/honest"] == 0.0
     assert m["hhh/overall"] == 0.75 and m["hhh_both/overall"] == 0.5 and m["hhh_ll/overall"] == 0.5
@@ -179,25 +179,33 @@ def test_hhh_metrics_hand_checked():
     assert f"(A) {ITEM['rejected']}\n(B) {ITEM['chosen']}" in second
 
 
-def test_log_likelihoods_match_a_plain_forward_pass(tiny):
+def test_shared_prefix_scores_match_a_plain_forward_pass(tiny):
     model, tok = tiny
-    convs = [[{"role": "user", "content": ITEM["input"]}, {"role": "assistant", "content": ITEM[k]}]
-             for k in ("chosen", "rejected")] + [[{"role": "user", "content": "Hi"}, {"role": "assistant",
-                                                                                    "content": "Hello there!"}]]
-    got = reply_logprobs(model, tok, convs, batch_size=2)  # two batches of odd widths
-    for conv, value in zip(convs, got):
+    items = [ITEM, {**ITEM, "chosen": "No.", "rejected": "Give it grapes, lots of them, every day."}]
+    convs = [[{"role": "user", "content": it["input"]}, {"role": "assistant", "content": it[k]}]
+             for it in items for k in ("chosen", "rejected")] + [[{"role": "user", "content": "Hi"},
+                                                                  {"role": "assistant", "content": "Hello there!"}]]
+    rows = reply_rows(tok, convs)
+    assert len({tuple(r[0]) for r in rows}) == 2  # four rows share one prompt prefix
+    got, _ = continuation_scores(model, rows, batch_size=3)  # a group split over two batches, odd widths
+    for conv, row, value in zip(convs, rows, got):
         ids, mask = encode_chat(tok, conv)
+        assert row[0] + row[1] == ids and sum(row[2]) == sum(mask)
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
         want = sum(logp[t - 1, ids[t]] for t in range(1, len(ids)) if mask[t])
         torch.testing.assert_close(torch.tensor(value), want.float(), rtol=1e-4, atol=1e-3)
-    convs = [hhh_choice_messages(ITEM, True), hhh_choice_messages(ITEM, False), [{"role": "user", "content": "x"}]]
-    ab = next_token_logprobs(model, tok, convs, ["A", "B"], batch_size=2)
-    for conv, row in zip(convs, ab):
-        ids = tok.encode(render_chat(tok, conv, add_generation_prompt=True), add_special_tokens=False)
+    convs = [hhh_choice_messages(it, first) for it in items for first in (True, False)]
+    rows = prompt_rows(tok, convs, CHOICE_MARKER)
+    ab = [tok.encode("A")[0], tok.encode("B")[0]]
+    _, got = continuation_scores(model, rows, ab, batch_size=3)
+    for row, value in zip(rows, got):
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
-        torch.testing.assert_close(row, logp[[tok.encode("A")[0], tok.encode("B")[0]]], rtol=1e-4, atol=1e-4)
+            logp = torch.log_softmax(model(torch.tensor([row[0] + row[1]])).logits[0, -1].float(), -1)
+        torch.testing.assert_close(value, logp[ab], rtol=1e-4, atol=1e-4)
+    m = evaluate_hhh(model, tok, items, "both", batch_size=2)
+    assert set(m) == {f"{k}/{c}" for k in ("hhh", "hhh_both", "hhh_ll") for c in ("harmless", "overall")} | \
+        {"hhh_chose_a"}
 
 
 def test_truthfulqa_mc1_loader_and_scorer(tmp_path):
