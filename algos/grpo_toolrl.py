@@ -6,30 +6,30 @@ executed: the turn is scored against the reference turn. R = R_format [0, 1] + R
 
 Differences from the paper and the released code:
 1. Data: the BFCL "live" categories (data/make_toolrl_bfcl.py) instead of ToolACE/Hammer/xLAM; held-out evaluation on
-   the non-live BFCL categories with our own smaller AST checker (`bfcl_check`; simplifications listed there).
+   the non-live BFCL categories with our own smaller AST checker (`bfcl_check`; simplifications listed there), and
+   the greedy ToolRL reward on held-out live prompts (the dev split) with a paired bootstrap interval.
 2. Model and scale: SmolLM2-135M-Instruct; on a CPU 6 steps of 4 prompts x 4 samples, 80 new tokens, prompts of at
-   most 320 tokens, BFCL scored on 6 items per category (on a GPU: 100 steps of 64 prompts x 4, 512 new tokens, all
-   of BFCL); the paper: 1.5B-7B models, 512 prompts x 4, ~105 steps, 1024 new tokens.
-   A 135M model almost never writes the tag format cold, so every sample of a group scores the same (no signal);
-   run.sh first gives it a short SFT warm start with algos/sft.py on the live split (the paper's SFT-then-GRPO).
-3. Format reward: every tag of the expected pattern must occur exactly once, <think> included; the released code
-   does not count <think> tags, so "<think>a</think>\\n<think>b</think>\\n..." passes there and fails here.
-4. A predicted call must be a JSON object with a string "name" and an object "parameters", else R_correct = min;
-   the released code fails only when it happens to touch a missing field.
-5. Schedules (two-stage, dynamic) use this run's `total_steps` (code: fixed 150 steps, clamped).
-6. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0 adds the k3 KL to
+   most 320 tokens (on a GPU: 100 steps of 64 prompts x 4, 512 new tokens); the paper: 1.5B-7B models, 512 prompts
+   x 4, ~105 steps, 1024 new tokens. A 135M model almost never writes the tag format cold (every sample of a group
+   scores the same: no signal), so run.sh first gives it a short SFT warm start (algos/sft.py; SFT-then-GRPO).
+3. Format reward: every tag of the expected pattern exactly once, <think> included (the released code does not count
+   <think> tags). A predicted call must be a JSON object with a string "name" and an object "parameters", else
+   R_correct = min (the code fails only when it happens to touch a missing field).
+4. Schedules (two-stage, dynamic) use this run's `total_steps` (code: fixed 150 steps, clamped).
+5. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0 adds the k3 KL to
    a frozen reference in the loss. No entropy bonus (code: 0.001): entropy needs the full logits.
-7. old_logp defaults to the sampler's log-probs (saves a forward pass on CPU); `old_logp=recompute` does the extra
+6. old_logp defaults to the sampler's log-probs (saves a forward pass on CPU); `old_logp=recompute` does the extra
    no-grad pass like verl. Either way the first minibatch must show ratio ~ 1, approx_kl ~ 0 (checked).
+7. A prompt runs once for its G samples, in sampling and training (algos/model.py; exact); so minibatches hold whole
+   groups (verl shuffles rows) and micro-batches are sized in tokens. `--shared-prefix false`: every row on its own.
 
 Usage:
     python data/make_toolrl_bfcl.py --out-dir data/generated
     python algos/grpo_toolrl.py --model runs/toolrl_sft__1__<t>/checkpoint   # see run.sh for the warm start
     python algos/grpo_toolrl.py --model tiny --total-steps 2 --train-file data/toolrl_train_sample.jsonl \\
-        --eval-file data/bfcl_eval_sample.jsonl                            # smoke test, seconds
-Expected at the defaults (2-core CPU, after run.sh's SFT warm start; 16 min for all of run.sh): about 55 s per step
-(30 s generation, 25 s training, less when groups score alike), a noisy reward curve (each step draws 4 new prompts)
-and BFCL accuracy that 6 steps do not move; the warm start is what brings the tag format. Measured: README.md.
+        --eval-file data/bfcl_eval_sample.jsonl --heldout-file data/toolrl_train_sample.jsonl   # smoke test, seconds
+Expected at the defaults (2-core CPU, after run.sh's SFT warm start): see README.md (measured step times, held-out
+reward before/after with its interval, BFCL); the warm start is what brings the tag format.
 """
 import copy
 import json
@@ -71,12 +71,13 @@ class Args:
     lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 1.5B-7B models and ~105 steps)")
     num_minibatches: int = arg(2, "optimizer steps per rollout batch (paper: batch 512 / minibatch 128 = 4)")
     ppo_epochs: int = arg(1, "passes over the rollout batch (verl's ppo_epochs)")
-    micro_batch_size: int = arg(8, "sequences per forward/backward (gradient accumulation inside a minibatch)")
+    micro_batch_tokens: int = arg(0, "tokens per forward/backward, a shared prompt once; 0 = auto: 1024 CPU, 16384 GPU")
+    shared_prefix: bool = arg(True, "a prompt runs once for its G samples (exact); false: every sequence on its own")
+    checkpointing: bool = arg(False, "activation checkpointing per decoder layer (less memory, a second forward)")
     clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)")
     clip_high: float = arg(0.2, "PPO clip epsilon above 1 (DAPO uses 0.28; paper: 0.2)")
     beta: float = arg(0.0, "k3 KL coefficient to a frozen reference (paper drops KL: 0; GRPO/DeepSeekMath: 0.04)")
-    loss_type: str = arg("grpo", "loss reduction: grpo (sequence mean, DeepSeekMath) | bnpo | dr_grpo (Liu et al.) "
-                                 "| dapo (token mean over the minibatch, Yu et al.)")
+    loss_type: str = arg("grpo", "grpo (sequence mean, DeepSeekMath) | bnpo | dr_grpo (Liu et al.) | dapo (Yu et al.)")
     adv_scale: str = arg("group", "advantage scaling: group std (GRPO) | batch std | none (Dr. GRPO)")
     adv_eps: float = arg(1e-6, "advantage epsilon (verl, the paper's code: 1e-6; TRL: 1e-4)")
     old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl)")
@@ -88,13 +89,14 @@ class Args:
     two_stage_step: int = arg(30, "two_stage: step where correctness range x3 and format range /2 (code: 30)")
     equal_max: bool = arg(False, "ablation: R_correct in [-1, 1] (equal max with format)")
     length_reward: str = arg("none", "ablation: none | fixed (+min(think words/512, 1)) | dynamic (target 384->640)")
-    eval_per_category: int = arg(0, "BFCL items per category (fixed hashed subset); 0 = auto: 6 on CPU, all on "
-                                    "GPU; -1 = all")
-    eval_max_new_tokens: int = arg(0, "greedy tokens at evaluation; 0 = auto: 128 on CPU, 1024 on GPU (parallel "
-                                      "items need several calls)")
+    eval_per_category: int = arg(0, "BFCL items per category (fixed hashed subset); 0 = auto: 6 CPU, all GPU; -1 all")
+    eval_max_new_tokens: int = arg(0, "greedy tokens at BFCL evaluation; 0 = auto: 128 on CPU, 1024 on GPU")
     gen_batch_size: int = arg(32, "sequences per generation batch")
+    heldout_file: str = arg("data/generated/toolrl_dev.jsonl", "live prompts in no training set; '' = none")
+    heldout_n: int = arg(0, "held-out prompts: greedy ToolRL reward before/after; 0 = auto: 64 CPU, all GPU; -1 all")
     eval_only: bool = arg(False, "only measure BFCL accuracy of --model (no training)")
     save_model: bool = arg(True, "save the trained model to <run>/checkpoint")
+    runs_dir: str = arg("runs", "folder that receives the run folder")
 
 
 def resolve_defaults(args):
@@ -103,7 +105,8 @@ def resolve_defaults(args):
     for name, cpu_value, gpu_value in [("total_steps", 6, 100), ("prompts_per_step", 4, 64),
                                        ("max_new_tokens", 80, 512), ("max_prompt_tokens", 320, 2048),
                                        ("eval_max_prompt_tokens", 512, 4096), ("eval_per_category", 6, -1),
-                                       ("eval_max_new_tokens", 128, 1024)]:
+                                       ("eval_max_new_tokens", 128, 1024), ("micro_batch_tokens", 1024, 16384),
+                                       ("heldout_n", 64, -1)]:
         if getattr(args, name) == 0:
             setattr(args, name, gpu_value if gpu else cpu_value)
     args.total_steps = 0 if args.eval_only else args.total_steps
@@ -432,6 +435,21 @@ def evaluate(model, tokenizer, items, args, path):
     return acc
 
 
+@torch.no_grad()
+def heldout_rewards(model, tokenizer, rows, args):
+    """Greedy ToolRL reward (format + correctness, no schedule) of each held-out prompt, in the order given."""
+    rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in rows])
+    texts = generate(model, tokenizer, rollouts, args.max_new_tokens, temperature=0.0, batch_size=args.gen_batch_size)
+    return [toolrl_reward(strip_eos(t, tokenizer), r["ground_truth"])["total"] for t, r in zip(texts, rows)]
+
+
+def paired_bootstrap(before, after, samples=10000, seed=0):
+    """Mean paired difference after - before and its 95% percentile bootstrap interval (items resampled)."""
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (samples, len(d)))].mean(1)
+    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
     """Scale of a micro-batch loss so that the accumulated gradient equals the minibatch reduction."""
     if loss_type == "bnpo":
@@ -439,45 +457,65 @@ def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
     return 1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
 
 
+def micro_batches(data, rows, args):
+    """Consecutive runs of `rows` with at most args.micro_batch_tokens tokens each (at least one row); with shared
+    prompts a row that follows one of its group costs only its tokens after the prompt."""
+    lengths, prompt = data["attention_mask"].sum(1).tolist(), (data["loss_mask"].cumsum(1) == 0).sum(1).tolist()
+    out, used = [], 0
+    for r in map(int, rows):
+        same = args.shared_prefix and out and out[-1][-1] // args.group_size == r // args.group_size
+        cost = lengths[r] - (prompt[r] if same else 0)
+        if not out or used + cost > args.micro_batch_tokens:
+            out, used, cost = out + [[]], 0, lengths[r]
+        out[-1].append(r)
+        used += cost
+    return out
+
+
+def _logprobs(model, data, mb, args):
+    """(b, width) log-probs of rows mb, right padding trimmed; their shared prompt runs once (args.shared_prefix)."""
+    width = int(data["attention_mask"][mb].sum(1).max())
+    return sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
+                             args.temperature, share_prefix=args.shared_prefix, checkpointing=args.checkpointing)
+
+
+@torch.no_grad()
 def _logprobs_in_chunks(model, data, args):
-    ids, attn, n = data["input_ids"], data["attention_mask"], args.micro_batch_size
-    return torch.cat([sequence_logprobs(model, ids[s:s + n], attn[s:s + n], args.temperature)
-                      for s in range(0, len(ids), n)])
+    out = torch.zeros_like(data["loss_mask"])  # (N, T)
+    for mb in micro_batches(data, range(len(out)), args):
+        logp = _logprobs(model, data, mb, args)
+        out[mb, :logp.shape[1]] = logp
+    return out
 
 
 def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
     """Steps 4-5 of a GRPO iteration on one rollout batch (collated (N, T) tensors, advantages (N,)): old_logp and
-    ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches.
-    Without a KL term (beta = 0) a sequence with advantage 0 has exactly zero gradient, so it is skipped (the micro-batch
-    weights still count it, so the update is the same; the metrics cover the sequences that were run).
-    Returns token-weighted means of policy_loss, clipfrac, approx_kl, kl, ratio_mean and the mean grad_norm."""
+    ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over token-sized micro-batches.
+    Without a KL term (beta = 0) a sequence with advantage 0 has exactly zero gradient: it is skipped (the weights
+    still count it: the same update). Returns token-weighted means of the loss metrics and the mean grad_norm."""
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
     assert loss_mask.sum() > 0, "empty loss_mask"
-    N = len(loss_mask)
     active = (advantages != 0) | (args.beta > 0)  # (N,)
-    with torch.no_grad():
-        old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
-        ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
-    stats, mini = {}, N // args.num_minibatches
+    old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
+    ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
+    stats, unit = {}, args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
     for epoch in range(args.ppo_epochs):
-        perm = torch.randperm(N)
-        for m in range(args.num_minibatches):
-            idx = perm[m * mini:(m + 1) * mini]
+        perm, per = torch.randperm(len(loss_mask) // unit), len(loss_mask) // unit // args.num_minibatches
+        assert per > 0, f"{len(perm)} groups (or rows) cannot fill {args.num_minibatches} minibatches"
+        for m, idx in enumerate((perm[m * per:(m + 1) * per, None] * unit + torch.arange(unit)).flatten()
+                                for m in range(args.num_minibatches)):
             mini_tokens = float(loss_mask[idx].sum())
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
-            run = idx[active[idx].cpu()]
-            for s in range(0, len(run), args.micro_batch_size):
-                mb = run[s:s + args.micro_batch_size]
-                width = int(data["attention_mask"][mb].sum(1).max())  # trim right padding
-                logp = sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
-                                         args.temperature)  # (b, T)
+            for k, mb in enumerate(micro_batches(data, idx[active[idx].cpu()], args)):
+                logp = _logprobs(model, data, mb, args)  # (b, width)
+                width = logp.shape[1]
                 loss, metrics = policy_loss(
                     logp, old_logp[mb, :width], advantages[mb], loss_mask[mb, :width], args.clip_low, args.clip_high,
                     None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
                 n_tok = float(loss_mask[mb].sum())
                 (loss * micro_weight(args.loss_type, len(mb), len(idx), n_tok, mini_tokens)).backward()
-                if epoch == 0 and m == 0 and s == 0:  # nothing updated yet: the policy is still the sampler
+                if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
                     ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
                     assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
                         f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
@@ -496,10 +534,13 @@ def main(args):
     model, tokenizer = load_model(args.model)
     device = next(model.parameters()).device
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
-    for path in (args.train_file, args.eval_file):
+    for path in (args.train_file, args.eval_file) + ((args.heldout_file,) if args.heldout_file else ()):
         if not Path(path).exists():
             sys.exit(f"{path} not found: run `python data/make_toolrl_bfcl.py --out-dir data/generated` first")
     train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
+    heldout = [r for r in load_jsonl(args.heldout_file, ["id", "tools", "dialogue", "ground_truth"])
+               if fits(tokenizer, r, args.eval_max_prompt_tokens)] if args.heldout_file else []
+    heldout = heldout[:args.heldout_n] if args.heldout_n >= 0 else heldout
     evals = load_jsonl(args.eval_file, ["id", "category", "tools", "dialogue", "possible_answer"])
     n_train = len(train)
     train = [r for r in train if fits(tokenizer, r, args.max_prompt_tokens)] if args.total_steps > 0 else []
@@ -511,33 +552,35 @@ def main(args):
                                                            len(by_cat.get(r["category"], [])) < args.eval_per_category):
             by_cat.setdefault(r["category"], []).append(r)
     evals = [r for v in by_cat.values() for r in v]
-    print(f"train prompts: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; eval items: "
-          + ", ".join(f"{c} {len(v)}" for c, v in by_cat.items()))
-    logger = RunLogger(args.exp_name, args.seed, args)
+    print(f"train prompts: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; held-out prompts: "
+          f"{len(heldout)}; eval items: " + ", ".join(f"{c} {len(v)}" for c, v in by_cat.items()))
+    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir)
 
-    # 0. BFCL accuracy of the starting model
+    # 0. BFCL accuracy and held-out ToolRL reward of the starting model
     t0 = time.time()
     first = "predictions.jsonl" if args.total_steps == 0 else "predictions_before.jsonl"
     before = evaluate(model, tokenizer, evals, args, logger.dir / first) if evals else {}
+    heldout_before = heldout_rewards(model, tokenizer, heldout, args) if heldout else []
+    before.update({"heldout/reward": float(np.mean(heldout_before))} if heldout else {})
     print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    order, cursor, B, G = list(range(len(train))), len(train), args.prompts_per_step, args.group_size
+    B, G = args.prompts_per_step, args.group_size
+
+    def prompt_stream(order=list(range(len(train)))):  # endless reshuffled passes over the training prompts
+        while True:
+            random.shuffle(order)
+            yield from (train[i] for i in order)
+    stream = prompt_stream()
     keys = ["reward", "rewards/format/mean", "rewards/correctness/mean", "frac_reward_zero_std", "clipfrac",
             "approx_kl", "completion_len", "time/generate_s", "time/train_s"]
     for step in tqdm(range(args.total_steps), desc="grpo", disable=not sys.stderr.isatty()):
         # 1. sample G completions per prompt (one assistant turn, no tool execution)
-        batch = []
-        while len(batch) < B:
-            if cursor >= len(order):
-                random.shuffle(order)
-                cursor = 0
-            batch.append(train[order[cursor]])
-            cursor += 1
+        batch = [next(stream) for _ in range(B)]
         t_gen = time.time()
         rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in batch], n=G)
         texts = [strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, args.max_new_tokens,
-                                                           args.temperature, batch_size=args.gen_batch_size)]
+                 args.temperature, batch_size=args.gen_batch_size, share_prefix=args.shared_prefix)]
         t_gen = time.time() - t_gen
 
         # 2. rewards: named components per completion
@@ -571,13 +614,18 @@ def main(args):
                "time/train_s": t_train}
         logger.log(step, row, keys=keys)
 
-    # 7. BFCL accuracy after training; every prediction in predictions.jsonl
+    # 7. BFCL accuracy and held-out reward after training (paired bootstrap interval); predictions in predictions.jsonl
     after = evaluate(model, tokenizer, evals, args, logger.dir / "predictions.jsonl") \
         if evals and args.total_steps > 0 else {}
+    if heldout and args.total_steps > 0:
+        heldout_after = heldout_rewards(model, tokenizer, heldout, args)
+        diff, low, high = paired_bootstrap(heldout_before, heldout_after)
+        after.update({"heldout/reward": float(np.mean(heldout_after)), "heldout/diff": diff,
+                      "heldout/diff_ci95_low": low, "heldout/diff_ci95_high": high})
     if after:
         print("after:", json.dumps(after))
     summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
-               "eval_items": len(evals), "train_prompts": len(train)}
+               "eval_items": len(evals), "heldout_items": len(heldout), "train_prompts": len(train)}
     if args.save_model and args.total_steps > 0:
         summary["checkpoint"] = str(save_checkpoint(model, tokenizer, logger.dir / "checkpoint"))
     print(json.dumps(logger.finish(summary), indent=1))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from algos.grpo_toolrl import Args, bfcl_check, grpo_update, load_jsonl, parse_bfcl_calls, toolrl_reward, value_ok
+from algos.grpo_toolrl import (Args, bfcl_check, grpo_update, load_jsonl, micro_batches, paired_bootstrap,
+                               parse_bfcl_calls, toolrl_reward, value_ok)
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("make_toolrl_bfcl", ROOT / "data" / "make_toolrl_bfcl.py")
@@ -141,11 +142,12 @@ def test_smoke_tiny(tmp_path):
            "2", "--group-size", "2", "--max-new-tokens", "8", "--num-minibatches", "2", "--eval-per-category", "1",
            "--train-file", "data/toolrl_train_sample.jsonl", "--eval-file", "data/bfcl_eval_sample.jsonl",
            "--max-prompt-tokens", "1024", "--eval-max-prompt-tokens", "1024", "--beta", "0.04",
-           "--save-model", "false", "--exp-name", "smoke_toolrl"]
+           "--save-model", "false", "--exp-name", "smoke_toolrl", "--heldout-file", "data/toolrl_train_sample.jsonl",
+           "--heldout-n", "3", "--micro-batch-tokens", "600", "--runs-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
-    run = sorted((ROOT / "runs").glob("smoke_toolrl__1__*"))[-1]
+    run = sorted(tmp_path.glob("smoke_toolrl__1__*"))[-1]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1]
     for key in ["reward", "rewards/format/mean", "rewards/correctness/mean", "frac_reward_zero_std", "clipfrac",
@@ -154,16 +156,19 @@ def test_smoke_tiny(tmp_path):
     preds = [json.loads(line) for line in open(run / "predictions.jsonl")]
     assert len(preds) == 5 and {"id", "completion", "calls", "correct"} <= set(preds[0])
     summary = json.loads((run / "summary.json").read_text())
-    assert "after/bfcl/overall" in summary and "before/bfcl/irrelevance" in summary
+    assert "after/bfcl/overall" in summary and "before/bfcl/irrelevance" in summary and summary["heldout_items"] == 3
+    assert summary["after/heldout/diff_ci95_low"] <= summary["after/heldout/diff"] <= summary["after/heldout/diff_ci95_high"]
+    assert -3 <= summary["before/heldout/reward"] <= 4
 
 
 def test_eval_only_scores_once(tmp_path):
     cmd = [sys.executable, "algos/grpo_toolrl.py", "--model", "tiny", "--eval-only", "true", "--eval-per-category",
            "1", "--eval-max-new-tokens", "4", "--train-file", "data/toolrl_train_sample.jsonl", "--eval-file",
-           "data/bfcl_eval_sample.jsonl", "--eval-max-prompt-tokens", "1024", "--exp-name", "smoke_toolrl_eval"]
+           "data/bfcl_eval_sample.jsonl", "--eval-max-prompt-tokens", "1024", "--exp-name", "smoke_toolrl_eval",
+           "--heldout-file", "", "--runs-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    run = sorted((ROOT / "runs").glob("smoke_toolrl_eval__1__*"))[-1]
+    run = sorted(tmp_path.glob("smoke_toolrl_eval__1__*"))[-1]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_items"] == 5 and summary["train_prompts"] == 0
     assert "before/bfcl/overall" in summary and not any(k.startswith("after/") for k in summary)
@@ -171,10 +176,12 @@ def test_eval_only_scores_once(tmp_path):
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoint").exists()
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_update_equals_whole_batch_gradient(loss_type):
-    """One minibatch, SGD with lr 1: the parameter change made by grpo_update (micro-batches of 3, zero-advantage
-    sequences skipped) is minus the gradient of policy_loss over the whole batch at once."""
+@pytest.mark.parametrize("loss_type,shared", [("grpo", True), ("bnpo", True), ("dr_grpo", True), ("dapo", True),
+                                              ("grpo", False)])
+def test_update_equals_whole_batch_gradient(loss_type, shared):
+    """One minibatch, SGD with lr 1: the parameter change made by grpo_update (token-sized micro-batches, each prompt
+    run once for its group or not, zero-advantage sequences skipped) is minus the gradient of policy_loss over the
+    whole batch at once, each row run on its own."""
     from algos.model import collate, generate, load_model, sequence_logprobs, start_rollouts
     from kernels.advantage import policy_loss
     torch.manual_seed(0)
@@ -183,9 +190,12 @@ def test_update_equals_whole_batch_gradient(loss_type):
     generate(model, tok, rollouts, 6, 1.0)
     data = collate(rollouts, tok.pad_token_id)
     advantages = torch.tensor([0.0] * 4 + [1.2, -0.8, 0.5, -0.9] + [0.0] * 4)  # two groups carry no signal
-    args = Args(num_minibatches=1, micro_batch_size=3, max_new_tokens=6, loss_type=loss_type, max_grad_norm=1e9)
+    args = Args(num_minibatches=1, micro_batch_tokens=24, max_new_tokens=6, loss_type=loss_type, max_grad_norm=1e9,
+                shared_prefix=shared)
+    micro = micro_batches(data, range(12), args)  # consecutive, within 24 tokens (a shared prompt counted once)
+    assert sum(micro, []) == list(range(12)) and 4 <= len(micro) < 12
     whole = copy.deepcopy(model)
-    logp = sequence_logprobs(whole, data["input_ids"], data["attention_mask"])
+    logp = sequence_logprobs(whole, data["input_ids"], data["attention_mask"], share_prefix=False)
     loss, _ = policy_loss(logp, data["sample_logp"], advantages, data["loss_mask"], 0.2, 0.2, None, 0.0, loss_type,
                           max_completion_len=6, num_active_tokens=float(data["loss_mask"].sum()))
     loss.backward()
@@ -209,7 +219,7 @@ def test_learning_reward_rises_tiny():
     model, tok = load_model("tiny", device="cpu")
     u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     good = model.get_input_embeddings().weight.detach() @ u > 0  # (V,)
-    args = Args(lr=3e-2, num_minibatches=2, micro_batch_size=16, max_new_tokens=8)
+    args = Args(lr=3e-2, num_minibatches=2, micro_batch_tokens=1024, max_new_tokens=8)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     curve = []
     for _ in range(12):
@@ -220,3 +230,10 @@ def test_learning_reward_rises_tiny():
         assert stats["approx_kl"] >= 0 and 0 <= stats["clipfrac"] <= 1
         curve.append(rewards.mean().item())
     assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3 + 0.1, curve
+
+
+def test_paired_bootstrap():
+    before, after = [0.0, 1.0, -3.0, 4.0, 1.0], [1.0, 1.0, -2.0, 4.0, 2.0]  # differences 1, 0, 1, 0, 1
+    diff, low, high = paired_bootstrap(before, after)
+    assert diff == pytest.approx(0.6) and 0.0 <= low < 0.6 < high <= 1.0
+    assert paired_bootstrap([1.0] * 4, [1.0] * 4) == (0.0, 0.0, 0.0)
