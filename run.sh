@@ -110,7 +110,12 @@ for kind in ["", "/memory", "/1hop", "/2hop"]:
 PY
 }
 
-EXPERIMENTS="grpo_toolrl sft rmr1 iteralign otc_ppo"
+exp_decisionflow() {  # four methods on the bundled MTA-format sample (12 items x high/low), embedded model
+  [ -s data/decisionflow_sample.json ] || "$PY" data/make_decisionflow_sample.py
+  "$PY" algos/decisionflow.py "$@"  # e.g. --data mta_test.json --model http://host:8000/v1 --model-name <served>
+}
+
+EXPERIMENTS="grpo_toolrl sft rmr1 iteralign otc_ppo decisionflow"
 cmd="${1:-grpo_toolrl}"
 [ $# -gt 0 ] && shift
 setup

@@ -58,7 +58,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from algos.model import ChatClient, RunLogger, arg, parse_args  # noqa: E402
+from algos.model import ChatClient, RunLogger, arg, parse_args, render_chat  # noqa: E402
 
 METHODS = ("zero_shot", "cot", "self_consistency", "decisionflow")
 STEPS = ("variables", "extraction", "attributes", "weights", "scores", "decision")
@@ -75,15 +75,18 @@ class Args:
     model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder | OpenAI-compatible base URL "
                                      "ending in /v1")
     model_name: str = arg("", "model name sent to an OpenAI-compatible endpoint (ignored for local models)")
-    batch_size: int = arg(16, "conversations per local generation batch")
+    batch_size: int = arg(24, "conversations per local generation batch")
     answer_tokens: int = arg(12, "zero-shot: max new tokens of the answer")
-    cot_tokens: int = arg(160, "chain of thought and self-consistency: max new tokens per sample")
-    sc_samples: int = arg(5, "self-consistency: samples per item and target, majority vote (Wang et al. 2023)")
+    cot_tokens: int = arg(128, "chain of thought and self-consistency: max new tokens per sample")
+    sc_samples: int = arg(3, "self-consistency: samples per item and target, majority vote (Wang et al. 2023 use "
+                             "5-40; 3 keeps the CPU run short)")
     sc_temperature: float = arg(0.7, "self-consistency: sampling temperature")
     temperature: float = arg(0.0, "temperature of zero-shot, CoT and every DecisionFlow step (0 = greedy)")
-    max_step_tokens: int = arg(160, "DecisionFlow: max new tokens per step reply")
+    max_step_tokens: int = arg(96, "DecisionFlow: max new tokens per step reply")
     keep_threshold: float = arg(0.3, "DecisionFlow: keep attributes with weight > this (paper: 0.3)")
     retries: int = arg(1, "DecisionFlow: re-asks after an invalid step reply before the fallback (issue: 1)")
+    prefill: bool = arg(True, "DecisionFlow, local models only: start each step's reply with the opening of its JSON "
+                              "(e.g. '{\"weights\": ['); remote endpoints get the plain conversation")
     predictions: str = arg("", "JSONL with one line per method, item and target ('' = <run>/predictions.jsonl)")
     log_calls: bool = arg(True, "save every prompt and reply to <run>/calls.jsonl")
 
@@ -204,7 +207,7 @@ def extract_json(text):
 def validate(obj, schema, where="$"):
     """None if obj fits the schema, else a one-line reason. Supports the JSON-Schema keywords the steps use: type
     (object, array, string, number, integer), properties, required, items, minItems, maxItems, uniqueItems,
-    minimum, maximum, enum, minLength."""
+    minimum, maximum, enum, minLength; a string that is only a <placeholder> copied from the prompt is rejected."""
     kind = schema.get("type")
     checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
               "string": lambda v: isinstance(v, str), "number": _number,
@@ -215,6 +218,8 @@ def validate(obj, schema, where="$"):
         return f"{where}: {obj!r} is not one of {schema['enum']}"
     if kind == "string" and len(obj.strip()) < schema.get("minLength", 0):
         return f"{where}: string shorter than {schema['minLength']}"
+    if kind == "string" and re.fullmatch(r"\s*<[^<>]*>\s*", obj):
+        return f"{where}: {obj!r} is the prompt's placeholder, not an answer"
     if kind in ("number", "integer"):
         if obj < schema.get("minimum", -float("inf")) or obj > schema.get("maximum", float("inf")):
             return f"{where}: {obj} outside [{schema.get('minimum')}, {schema.get('maximum')}]"
@@ -294,7 +299,7 @@ def step_prompt(step, item, st, target=None):
     if step == "variables":
         ask = (f"Step 1. Name the decision variables: for each of the {n} choices, in order, a short name of the "
                f"patient, group or strategy it acts on (all different).\n"
-               f'JSON: {{"variables": [{", ".join(chr(34) + "name for " + letter(j) + chr(34) for j in range(n))}]}}')
+               f'JSON: {{"variables": [{", ".join(chr(34) + "<subject of " + letter(j) + ">" + chr(34) for j in range(n))}]}}')
     elif step == "extraction":
         ask = (f"Variables: {', '.join(st['variables'])}.\nStep 2. List the key facts of the scenario. Each fact is "
                "one sentence that names its variable explicitly (no pronouns).\n"
@@ -307,14 +312,14 @@ def step_prompt(step, item, st, target=None):
         ask = (f"Value that matters: {value}.\nAttributes (variable | attribute | value):\n{_attrs_text(st)}\n"
                f"Step 4. For each of the {len(st['attributes'])} attributes, in order, give a weight from 0 to 1 of "
                "how relevant it is to the value that matters (0 none, 0.5 moderate, 1 strong).\n"
-               'JSON: {"weights": [0.8, 0.1]}')
+               'JSON: {"weights": [w1, w2, ...]} with one number per attribute')
     elif step == "scores":
         k = len(st["kept"])
         ask = (f"Value that matters: {value}.\nAttributes (variable | attribute | value):\n"
                f"{_attrs_text(st, st['kept'])}\nStep 5. For each choice ({', '.join(letter(j) for j in range(n))}), "
                f"score each of the {k} attributes from 0 to 1: how strongly taking that choice expresses the value "
                "through that attribute. Treat each score as the mean of a Normal(mu, sigma) belief.\n"
-               f'JSON: {{"scores": [{", ".join("[" + ", ".join(["0.5"] * k) + "]" for _ in range(n))}]}} '
+               f'JSON: {{"scores": [{", ".join("[s" + letter(j) + "1, ..., s" + letter(j) + str(k) + "]" for j in range(n))}]}} '
                f"({n} lists, one per choice, each with {k} numbers)")
     else:  # decision
         utils, pick = st["utility"], st["pick"][target]
@@ -343,6 +348,10 @@ def step_schema(step, item, st):
     return _obj(choice={"enum": letters}, explanation=_str(3))
 
 
+PREFILL = {"variables": '{"variables": ["', "extraction": '{"facts": [{"variable": "',
+           "attributes": '{"attributes": [{"variable": "', "weights": '{"weights": [', "scores": '{"scores": [[',
+           "decision": '{"choice": "'}
+
 FALLBACKS = {  # what a step yields after its reply and retry both fail (documented in the README too)
     "variables": lambda item, st, t: {"variables": [f"choice {letter(j)}" for j in range(len(item["choices"]))]},
     "extraction": lambda item, st, t: {"facts": [{"variable": v, "fact": f"{v}: {c}"} for v, c in
@@ -355,10 +364,19 @@ FALLBACKS = {  # what a step yields after its reply and retry both fail (documen
 }
 
 
-def ask_json(client, conversations, schemas, args, counts):
+def _chat(client, conversations, args, prefix):
+    """Step replies; with a prefix (local models only) the reply is forced to open with it: the conversation is
+    rendered through the chat template and the prefix appended after the generation prompt."""
+    if not prefix or getattr(client, "remote", True):
+        return client.chat(conversations, max_tokens=args.max_step_tokens, temperature=args.temperature)
+    texts = [render_chat(client.tokenizer, c, add_generation_prompt=True) + prefix for c in conversations]
+    return [prefix + r for r in client.chat(texts, max_tokens=args.max_step_tokens, temperature=args.temperature)]
+
+
+def ask_json(client, conversations, schemas, args, counts, prefix=""):
     """One step for many items: ask, validate, re-ask the invalid ones (showing the error) up to args.retries
     times. Returns the validated objects (None where every try failed); counts valid_first / valid_retry / fallback."""
-    replies = client.chat(conversations, max_tokens=args.max_step_tokens, temperature=args.temperature)
+    replies = _chat(client, conversations, args, prefix)
     out, errors = [None] * len(conversations), [None] * len(conversations)
     for i, r in enumerate(replies):
         obj = extract_json(r)
@@ -372,7 +390,7 @@ def ask_json(client, conversations, schemas, args, counts):
         retry = [conversations[i] + [{"role": "assistant", "content": replies[i]},
                                      {"role": "user", "content": f"That reply is not valid ({errors[i]}). Reply "
                                                                  "again with only the JSON object."}] for i in todo]
-        for i, r in zip(todo, client.chat(retry, max_tokens=args.max_step_tokens, temperature=args.temperature)):
+        for i, r in zip(todo, _chat(client, retry, args, prefix)):
             obj = extract_json(r)
             errors[i] = "no JSON object found" if obj is None else validate(obj, schemas[i])
             if errors[i] is None:
@@ -390,7 +408,8 @@ def run_decisionflow(client, items, args, stats):
     for step in STEPS[:5]:  # 1-5: shared by the high and low targets (difference 2)
         convs = [step_prompt(step, it, st) for it, st in zip(items, states)]
         schemas = [step_schema(step, it, st) for it, st in zip(items, states)]
-        for it, st, obj in zip(items, states, ask_json(client, convs, schemas, args, stats[step])):
+        for it, st, obj in zip(items, states, ask_json(client, convs, schemas, args, stats[step],
+                                                          PREFILL[step] if args.prefill else "")):
             st.update(obj if obj is not None else FALLBACKS[step](it, st, None))
             if step == "weights":  # 4. filter: keep weight > threshold (all of them, not just the first; diff. 1)
                 st["kept"], st["filter_empty"] = filter_attributes(st["weights"], args.keep_threshold)
@@ -402,7 +421,8 @@ def run_decisionflow(client, items, args, stats):
     convs = [step_prompt("decision", it, st, t) for it, st, t in pairs]
     schemas = [step_schema("decision", it, st) for it, st, _ in pairs]
     records = []
-    for (it, st, t), obj in zip(pairs, ask_json(client, convs, schemas, args, stats["decision"])):
+    for (it, st, t), obj in zip(pairs, ask_json(client, convs, schemas, args, stats["decision"],
+                                                       PREFILL["decision"] if args.prefill else "")):
         obj = obj if obj is not None else FALLBACKS["decision"](it, st, t)
         llm = "ABCDEFGHIJ".index(obj["choice"]) if obj["choice"] else None
         records.append({"chosen": st["pick"][t], "llm_choice": llm, "explanation": obj["explanation"],

@@ -76,6 +76,7 @@ def test_validate_schema_errors():
     st = {"variables": ["vendor", "bomber"], "kept": [0, 1, 2]}
     assert validate({"variables": ["a", "b"]}, step_schema("variables", item(), st)) is None
     assert "distinct" in validate({"variables": ["a", "a"]}, step_schema("variables", item(), st))
+    assert "placeholder" in validate({"variables": ["<subject of A>", "b"]}, step_schema("variables", item(), st))
     assert "missing key" in validate({"vars": ["a", "b"]}, step_schema("variables", item(), st))
     facts = step_schema("extraction", item(), st)
     assert validate({"facts": [{"variable": "vendor", "fact": "The vendor helped."}]}, facts) is None
