@@ -20,7 +20,7 @@ Differences from the paper and Search-R1, and why:
 4. Data: data/make_otc_qa.py's knowledge-boundary QA with a known optimal call count (0, 1 or 2) per question,
    instead of NQ + HotpotQA; the warm start (run.sh) imitates an over-searching policy (it searches on about half
    of the questions it could answer from memory), the behaviour OTC exists to remove.
-5. Scale: SmolLM2-135M, 12 steps of 16 rollouts on a CPU, lr 2e-5 (paper: 7B, actor lr 1e-6, critic 1e-5).
+5. Scale: SmolLM2-135M, 8 steps of 8 rollouts on a CPU, lr 5e-5 (paper: 7B, actor lr 1e-6, critic 1e-5).
 6. No correct rollout of a question yet: OTC-GRPO has no n and falls back to the OTC-PPO form (the paper is silent;
    the product with EM is 0 then anyway, only the logged tool reward sees it).
 7. KL: 0.001 as in the paper, in the reward (k1 per token, verl's PPO default) for PPO and as a k3 loss for GRPO
@@ -78,12 +78,12 @@ class Args:
     estimator: str = arg("ppo", "ppo (value head + GAE, Search-R1 PPO) | grpo (group-normalised outcome reward)")
     reward: str = arg("otc", "em (Search-R1: exact match only) | otc (EM x OTC tool reward)")
     max_calls: int = arg(4, "c: most searches per rollout, then one last turn without search (paper: 4)")
-    total_steps: int = arg(12, "RL steps (rollout + update)")
-    prompts_per_step: int = arg(0, "questions per step; 0 = auto: 16 / group_size")
+    total_steps: int = arg(8, "RL steps (rollout + update)")
+    prompts_per_step: int = arg(0, "questions per step; 0 = auto: 8 / group_size (8 rollouts per step)")
     group_size: int = arg(0, "rollouts per question; 0 = auto: 1 for ppo, 4 for grpo (paper's GRPO: 5)")
-    max_turn_tokens: int = arg(48, "sampled tokens per assistant turn")
+    max_turn_tokens: int = arg(40, "sampled tokens per assistant turn")
     temperature: float = arg(1.0, "sampling temperature")
-    lr: float = arg(2e-5, "policy Adam lr (paper: 1e-6 for 7B and ~1000 steps)")
+    lr: float = arg(5e-5, "policy Adam lr (paper: 1e-6 for 7B and ~1000 steps)")
     critic_lr: float = arg(1e-3, "value head lr (paper's critic: 1e-5, a whole LLM)")
     value_grad_to_trunk: bool = arg(False, "let the value loss train the shared trunk (docstring, difference 1)")
     vf_coef: float = arg(0.5, "value loss weight")
@@ -114,7 +114,7 @@ def resolve_defaults(args):
     """Fill auto fields; check the choices before any model is loaded."""
     assert args.estimator in ("ppo", "grpo") and args.reward in ("em", "otc"), "--estimator ppo|grpo, --reward em|otc"
     args.group_size = args.group_size or (1 if args.estimator == "ppo" else 4)
-    args.prompts_per_step = args.prompts_per_step or max(16 // args.group_size, 1)
+    args.prompts_per_step = args.prompts_per_step or max(8 // args.group_size, 1)
     args.kl_mode = {"auto": "reward" if args.estimator == "ppo" else "loss"}.get(args.kl_mode, args.kl_mode)
     assert args.kl_mode in ("reward", "loss"), "--kl-mode reward|loss|auto"
     assert (args.prompts_per_step * args.group_size) % args.num_minibatches == 0, "minibatches must split the batch"
