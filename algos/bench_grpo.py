@@ -1,0 +1,215 @@
+"""Time per GRPO generation batch (sampling and training apart) and peak memory, one configuration, several code paths.
+
+The configuration of README's ToolRL run (model, training prompts, prompts_per_step x group_size samples, completion
+and prompt length limits, minibatches, learning rate, loss) goes through:
+- `before`: algos/grpo_toolrl.py as of commit `before_commit` (e365580: every sequence on its own, full-vocabulary
+  logits at prefill, micro-batches of 8 rows), extracted with `git archive` into a temporary folder;
+- `now`: algos/grpo_toolrl.py as it is (a prompt runs once for its group, token-sized micro-batches);
+- `now_unshared`: the same with `--shared-prefix false` (what sharing alone buys);
+- `now_ckpt`: the same with activation checkpointing;
+- `trl`: TRL's GRPOTrainer, when `trl` is importable (optional: `pip install --no-deps trl`), with the same model,
+  prompts, reward (the ToolRL reward), G, lengths, minibatches (steps_per_generation) and loss.
+Each path runs in its own process, so its peak resident memory (ru_maxrss from wait4) is its own; model loading is in
+it. A generation batch is one GRPO step: sampling of prompts_per_step x group_size completions, then
+num_minibatches optimizer steps. Timings on a shared machine are noisy: run the paths back to back and read ratios.
+
+Usage:
+    python algos/bench_grpo.py --model runs/toolrl_sft__1__<t>/checkpoint          # README's table, ~30 min on CPU
+    python algos/bench_grpo.py --model tiny --steps 1 --paths now,now_unshared      # smoke test
+Expected (2-core CPU, SFT checkpoint, 4 x 4 samples, 80 new tokens): `now` several times faster per step than
+`before`, with a lower peak; measured figures in README.md.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from algos.model import CACHE, RunLogger, arg, parse_args  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = arg("bench_grpo", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
+    seed: int = arg(1, "seed of every path")
+    model: str = arg("smollm2-135m", "model of every path (README: the SFT warm start's checkpoint)")
+    train_file: str = arg("data/generated/toolrl_train.jsonl", "ToolRL training prompts (data/make_toolrl_bfcl.py)")
+    paths: str = arg("before,now,now_unshared,trl", "comma-separated: before | now | now_unshared | now_ckpt | trl")
+    steps: int = arg(3, "generation batches (GRPO steps) per path; the first includes warm-up")
+    prompts_per_step: int = arg(4, "prompts per generation batch")
+    group_size: int = arg(4, "samples per prompt G")
+    max_new_tokens: int = arg(80, "completion length limit")
+    max_prompt_tokens: int = arg(320, "training prompts longer than this are dropped")
+    num_minibatches: int = arg(2, "optimizer steps per generation batch")
+    lr: float = arg(1e-5, "learning rate")
+    before_commit: str = arg("e365580", "commit of the `before` path")
+    trl_micro_batch: int = arg(2, "TRL per_device_train_batch_size (8 ran out of 24 GB on the README's CPU)")
+    trl_checkpointing: bool = arg(False, "TRL gradient_checkpointing (its default is on)")
+    runs_dir: str = arg("runs", "folder that receives the run folder (and the paths' own runs)")
+
+
+# ---------------------------------------------------------------- one path, one process
+def grpo_command(args, script, exp_name, runs_dir, empty_eval, extra=()):
+    """grpo_toolrl.py's command line for the shared configuration; no BFCL evaluation (an empty eval file)."""
+    cmd = [sys.executable, str(script), "--model", args.model, "--train-file", str(Path(args.train_file).resolve()),
+           "--eval-file", str(empty_eval), "--total-steps", str(args.steps), "--prompts-per-step",
+           str(args.prompts_per_step), "--group-size", str(args.group_size), "--max-new-tokens",
+           str(args.max_new_tokens), "--max-prompt-tokens", str(args.max_prompt_tokens), "--num-minibatches",
+           str(args.num_minibatches), "--lr", str(args.lr), "--seed", str(args.seed), "--save-model", "false",
+           "--exp-name", exp_name]
+    return cmd + ([] if "before" in exp_name else ["--heldout-file", "", "--runs-dir", str(runs_dir)]) + list(extra)
+
+
+def run_measured(cmd, cwd, log_path):
+    """Run a command to completion; (exit code, wall seconds, peak RSS in GB of that process and its children)."""
+    env = {**os.environ, "MODEL_CACHE": str(CACHE), "PYTHONPATH": str(cwd)}
+    env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
+    start = time.time()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.time() - start, usage.ru_maxrss / 2 ** 20  # KB -> GB (Linux)
+
+
+def _has_cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+def step_times(metrics_path):
+    """[(sampling s, training s)] per GRPO step from a grpo_toolrl metrics.jsonl."""
+    rows = [json.loads(line) for line in open(metrics_path)]
+    return [(r["time/generate_s"], r["time/train_s"]) for r in rows]
+
+
+def summarize(name, code, wall, peak_gb, times):
+    """One table row: per generation batch, the mean over the steps after the first (warm-up) when there are more."""
+    steady = times[1:] if len(times) > 1 else times
+    gen, train = (float(np.mean([t[i] for t in steady])) if steady else float("nan") for i in (0, 1))
+    return {"path": name, "exit_code": code, "wall_s": round(wall, 1), "peak_rss_gb": round(peak_gb, 2),
+            "steps": len(times), "first_step_s": round(sum(times[0]), 1) if times else None,
+            "sample_s": round(gen, 1), "train_s": round(train, 1), "step_s": round(gen + train, 1)}
+
+
+# ---------------------------------------------------------------- TRL's GRPOTrainer (optional)
+def trl_worker(args, out_dir):
+    """Run TRL's GRPOTrainer on the same configuration in this process; write per-step times to out_dir."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+    from transformers import TrainerCallback
+
+    from algos.grpo_toolrl import build_messages, fits, load_jsonl, strip_eos, toolrl_reward
+    from algos.model import load_model
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    rows = [r for r in load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
+            if fits(tokenizer, r, args.max_prompt_tokens)]
+    data = Dataset.from_list([{"prompt": build_messages(r["tools"], r["dialogue"]), "ground_truth": r["ground_truth"]}
+                              for r in rows])
+
+    def reward(completions, ground_truth, **kwargs):  # TRL passes conversational completions and dataset columns
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [toolrl_reward(strip_eos(t, tokenizer), gt)["total"] for t, gt in zip(texts, ground_truth)]
+
+    samples = args.prompts_per_step * args.group_size
+    config = GRPOConfig(
+        output_dir=str(out_dir / "trl"), per_device_train_batch_size=args.trl_micro_batch,
+        gradient_accumulation_steps=max(samples // args.num_minibatches // args.trl_micro_batch, 1),
+        steps_per_generation=args.num_minibatches, num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens, learning_rate=args.lr, beta=0.0, temperature=1.0,
+        loss_type="grpo", max_steps=args.steps * args.num_minibatches, logging_steps=1, save_strategy="no",
+        report_to=[], seed=args.seed, gradient_checkpointing=args.trl_checkpointing, use_cpu=not _has_cuda(),
+        bf16=False, fp16=False)
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward, args=config, train_dataset=data)
+    times, clock = {"sample": [], "step": []}, {}
+    generate = trainer._generate_and_score_completions  # TRL samples inside the training step: time it apart
+
+    def timed_generate(*a, **k):
+        t = time.time()
+        out = generate(*a, **k)
+        times["sample"].append(time.time() - t)
+        return out
+    trainer._generate_and_score_completions = timed_generate
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            clock["t"] = time.time()
+
+        def on_step_end(self, *a, **k):
+            times["step"].append(time.time() - clock["t"])
+    trainer.add_callback(Clock())
+    trainer.train()
+    per_batch = [sum(times["step"][i:i + args.num_minibatches])
+                 for i in range(0, len(times["step"]), args.num_minibatches)]
+    out = [(s, total - s) for s, total in zip(times["sample"], per_batch)]
+    (out_dir / "trl_times.json").write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------- main
+def main(args):
+    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir)
+    out, results = logger.dir, []
+    empty_eval = out / "no_eval.jsonl"
+    empty_eval.write_text("")
+    for name in [p.strip() for p in args.paths.split(",") if p.strip()]:
+        log = out / f"{name}.log"
+        if name == "trl":
+            try:
+                import trl  # noqa: F401
+            except ImportError:
+                print("trl is not installed: skipping the TRL path (pip install --no-deps trl)")
+                continue
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(out)] + sys.argv[1:]
+            code, wall, peak = run_measured(cmd, ROOT, log)
+            path = out / "trl_times.json"
+            times = [tuple(t) for t in json.loads(path.read_text())] if path.exists() else []
+        elif name == "before":
+            src = Path(tempfile.mkdtemp(prefix="bench_before_"))
+            archive = subprocess.run(["git", "archive", args.before_commit], cwd=ROOT, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+            cmd = grpo_command(args, src / "algos" / "grpo_toolrl.py", "bench_before", src / "runs", empty_eval)
+            code, wall, peak = run_measured(cmd, src, log)
+            runs = sorted((src / "runs").glob("bench_before__*/metrics.jsonl"))
+            times = step_times(runs[-1]) if runs else []
+        else:
+            extra = {"now": [], "now_unshared": ["--shared-prefix", "false"],
+                     "now_ckpt": ["--checkpointing", "true"]}[name]
+            cmd = grpo_command(args, ROOT / "algos" / "grpo_toolrl.py", f"bench_{name}", out, empty_eval, extra)
+            code, wall, peak = run_measured(cmd, ROOT, log)
+            runs = sorted(out.glob(f"bench_{name}__*/metrics.jsonl"))
+            times = step_times(runs[-1]) if runs else []
+        results.append(summarize(name, code, wall, peak, times))
+        logger.log(len(results) - 1, results[-1])
+        if code != 0:
+            print(f"{name} failed (exit {code}); its log: {log}")
+    base = next((r for r in results if r["path"] == "before" and r["steps"]), None)
+    lines = ["| path | sampling s | training s | per batch s | first batch s | peak RSS GB | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = f"{base['step_s'] / r['step_s']:.2f}x" if base and r["steps"] and r["step_s"] > 0 else "-"
+        lines.append(f"| {r['path']} | {r['sample_s']} | {r['train_s']} | {r['step_s']} | {r['first_step_s']} | "
+                     f"{r['peak_rss_gb']} | {ratio} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return logger.finish({"results": results, "max_rss_self_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                          / 2 ** 20})
+
+
+if __name__ == "__main__":
+    if "--trl-worker" in sys.argv:
+        i = sys.argv.index("--trl-worker")
+        out_dir, argv = Path(sys.argv[i + 1]), sys.argv[1:i] + sys.argv[i + 2:]
+        trl_worker(parse_args(Args, argv), out_dir)
+    else:
+        main(parse_args(Args))
