@@ -97,7 +97,7 @@ class Args:
                                    "CPU, all on GPU; -1 = all")
     eval_max_new_tokens: int = arg(0, "greedy tokens at evaluation; 0 = auto: 150 on CPU, 1024 on GPU")
     eval_max_prompt_tokens: int = arg(0, "skip eval pairs with longer prompts; 0 = auto: 640 on CPU, 4096 on GPU")
-    gen_batch_size: int = arg(16, "sequences per generation batch")
+    gen_batch_size: int = arg(64, "sequences per generation batch (CPU decoding is memory-bound: larger is cheaper)")
     eval_only: bool = arg(False, "only score --model on the eval sets (no training)")
     save_model: bool = arg(True, "save the trained model to <run>/checkpoint")
 
