@@ -11,7 +11,7 @@ algos/sft.py and starts the next iteration from the new checkpoint. `--evaluate`
 log-likelihood (per category, both option orders), a held-out red-team violation rate and, if given, TruthfulQA MC1.
 
 Differences from the paper and the released code:
-1. Model and scale: SmolLM2-135M-Instruct on a CPU, 20 prompts per iteration (as the code), 96 new tokens (paper:
+1. Model and scale: SmolLM2-135M-Instruct on a CPU, 20 prompts per iteration (as the code), 64 new tokens (paper:
    500), 2-3 iterations; the paper aligns Llama-2/Vicuna 7B-13B.
 2. Oracles: the evaluator and the proposer are any OpenAI-compatible endpoint or local model through
    algos/model.py's ChatClient (the paper: gpt-3.5-turbo evaluator, GPT-4 proposer). Without one (the default, so the
@@ -45,12 +45,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python algos/iteralign.py` finds algos/, kernels/
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from algos.model import (ChatClient, ChatError, RunLogger, arg, encode_chat, generate, load_model,  # noqa: E402
                          parse_args, render_chat, start_rollouts)
@@ -69,7 +68,7 @@ class Args:
                                          "attempts or harmless-base transcripts; .gz read too)")
     batch_size: int = arg(20, "red-team prompts per iteration (released code: 20)")
     attack: str = arg("cou", "prompt wrapper: cou (Chain of Utterances, paper) | plain (the request alone)")
-    max_new_tokens: int = arg(96, "greedy tokens per answer (paper: 500)")
+    max_new_tokens: int = arg(64, "greedy tokens per answer (paper: 500)")
     gen_batch_size: int = arg(20, "sequences per generation batch")
     evaluator: str = arg("rule", "red-team evaluator: rule | policy (the model itself) | a model name | an "
                                  "OpenAI-compatible base URL ending in /v1 (paper: gpt-3.5-turbo)")
@@ -86,7 +85,7 @@ class Args:
     evaluate: bool = arg(False, "score HHH, the held-out red-team prompts and TruthfulQA before the iteration")
     eval_only: bool = arg(False, "only the evaluation (e.g. of the final checkpoint); implies --evaluate")
     hhh_file: str = arg("data/generated/hhh_alignment.jsonl", "BIG-bench HHH items (python data/make_hhh.py)")
-    hhh_limit: int = arg(0, "score only the first n HHH items (0 = all 221)")
+    hhh_limit: int = arg(0, "score only the first n HHH items of each category (0 = all 221)")
     hhh_format: str = arg("choice", "HHH scoring: choice (log-prob of the better reply's letter, both orders shown) "
                                     "| ll (log-likelihood of each option as the reply; order-free) | both")
     truthfulqa_file: str = arg("", "TruthfulQA MC1 items, JSON or JSONL with mc1_targets ('' = skip)")
@@ -347,7 +346,7 @@ def continuation_scores(model, rows, candidates=(), batch_size=8):
     sums, cands, groups = [0.0] * len(rows), torch.zeros(len(rows), len(candidates)), {}
     for i, row in enumerate(rows):
         groups.setdefault(tuple(row[0]), []).append(i)
-    for prefix, idx in groups.items():
+    for prefix, idx in tqdm(groups.items(), desc="log-likelihoods", mininterval=30):
         for s in range(0, len(idx), batch_size):
             part = idx[s:s + batch_size]
             first = model.base_model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
@@ -393,14 +392,15 @@ def prompt_rows(tokenizer, conversations, marker):
     return rows
 
 
-def load_hhh(path, limit=0):
-    rows = []
+def load_hhh(path, limit=0):  # the first `limit` items of each category (0 = all)
+    rows, seen = [], {}
     for n, row in _read_json_or_jsonl(path):
         for k in ("id", "category", "input", "chosen", "rejected"):
             if not isinstance(row, dict) or not isinstance(row.get(k), str):
                 raise ValueError(f"{path}:{n}: field '{k}': missing or not a string")
-        rows.append(row)
-    return rows[:limit or None]
+        seen[row["category"]] = seen.get(row["category"], 0) + 1
+        rows += [row] if not limit or seen[row["category"]] <= limit else []
+    return rows
 
 
 CHOICE_MARKER = "\n\nTwo possible replies:\n"
