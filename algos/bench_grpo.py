@@ -61,7 +61,8 @@ class Args:
 # ---------------------------------------------------------------- one path, one process
 def grpo_command(args, script, exp_name, runs_dir, empty_eval, extra=()):
     """grpo_toolrl.py's command line for the shared configuration; no BFCL evaluation (an empty eval file)."""
-    cmd = [sys.executable, str(script), "--model", args.model, "--train-file", str(Path(args.train_file).resolve()),
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # `before` runs elsewhere
+    cmd = [sys.executable, str(script), "--model", model, "--train-file", str(Path(args.train_file).resolve()),
            "--eval-file", str(empty_eval), "--total-steps", str(args.steps), "--prompts-per-step",
            str(args.prompts_per_step), "--group-size", str(args.group_size), "--max-new-tokens",
            str(args.max_new_tokens), "--max-prompt-tokens", str(args.max_prompt_tokens), "--num-minibatches",
@@ -159,7 +160,7 @@ def trl_worker(args, out_dir):
 # ---------------------------------------------------------------- main
 def main(args):
     logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir)
-    out, results = logger.dir, []
+    out, results = logger.dir.resolve(), []
     empty_eval = out / "no_eval.jsonl"
     empty_eval.write_text("")
     for name in [p.strip() for p in args.paths.split(",") if p.strip()]:

@@ -5,22 +5,19 @@ code (`verl/utils/reward_score/rlla.py` of github.com/qiancheng0/ToolRL). One as
 executed: the turn is scored against the reference turn. R = R_format [0, 1] + R_correct [-3, 3].
 
 Differences from the paper and the released code:
-1. Data: the BFCL "live" categories (data/make_toolrl_bfcl.py) instead of ToolACE/Hammer/xLAM; held-out evaluation on
-   the non-live BFCL categories with our own smaller AST checker (`bfcl_check`; simplifications listed there), and
-   the greedy ToolRL reward on held-out live prompts (the dev split) with a paired bootstrap interval.
-2. Model and scale: SmolLM2-135M-Instruct; on a CPU 6 steps of 4 prompts x 4 samples, 80 new tokens, prompts of at
-   most 320 tokens (on a GPU: 100 steps of 64 prompts x 4, 512 new tokens); the paper: 1.5B-7B models, 512 prompts
-   x 4, ~105 steps, 1024 new tokens. A 135M model almost never writes the tag format cold (every sample of a group
-   scores the same: no signal), so run.sh first gives it a short SFT warm start (algos/sft.py; SFT-then-GRPO).
-3. Format reward: every tag of the expected pattern exactly once, <think> included (the released code does not count
-   <think> tags). A predicted call must be a JSON object with a string "name" and an object "parameters", else
-   R_correct = min (the code fails only when it happens to touch a missing field).
-4. Schedules (two-stage, dynamic) use this run's `total_steps` (code: fixed 150 steps, clamped).
-5. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0 adds the k3 KL to
-   a frozen reference in the loss. No entropy bonus (code: 0.001): entropy needs the full logits.
-6. old_logp defaults to the sampler's log-probs (saves a forward pass on CPU); `old_logp=recompute` does the extra
-   no-grad pass like verl. Either way the first minibatch must show ratio ~ 1, approx_kl ~ 0 (checked).
-7. A prompt runs once for its G samples, in sampling and training (algos/model.py; exact); so minibatches hold whole
+1. Data: the BFCL "live" categories (data/make_toolrl_bfcl.py) instead of ToolACE/Hammer/xLAM. Evaluation: the greedy
+   ToolRL reward on held-out live prompts (dev split; paired bootstrap interval) and BFCL's non-live categories with
+   our own smaller AST checker (`bfcl_check`; simplifications listed there).
+2. Model and scale: SmolLM2-135M-Instruct; on a CPU 6 steps x 4 prompts x 4 samples, 80 new tokens, prompts <= 320
+   tokens (GPU: 100 steps x 64 x 4, 512 tokens); paper: 1.5B-7B models, 512 x 4, ~105 steps, 1024 tokens. Cold, a
+   135M model almost never writes the tag format (no signal), so run.sh first gives it a short SFT warm start.
+3. Format: every tag of the pattern exactly once, <think> included (the code does not count <think> tags). A call must
+   be a JSON object with a string "name" and an object "parameters", else R_correct = min (the code fails only when it
+   touches a missing field). Schedules (two-stage, dynamic) use this run's `total_steps` (code: 150, clamped).
+4. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0: k3 KL to a frozen
+   reference. No entropy bonus (code: 0.001). old_logp: the sampler's by default (`recompute`: verl's extra pass);
+   either way the first minibatch must show ratio ~ 1, approx_kl ~ 0 (checked).
+5. A prompt runs once for its G samples, in sampling and training (algos/model.py; exact), so minibatches hold whole
    groups (verl shuffles rows) and micro-batches are sized in tokens. `--shared-prefix false`: every row on its own.
 
 Usage:
@@ -32,6 +29,7 @@ Expected at the defaults (2-core CPU, after run.sh's SFT warm start): see README
 reward before/after with its interval, BFCL); the warm start is what brings the tag format.
 """
 import copy
+import functools
 import json
 import random
 import re
@@ -49,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from algos.model import (RunLogger, arg, collate, generate, load_model, parse_args,  # noqa: E402
+from algos.model import (RunLogger, arg, collate, generate, load_model, parse_args, render_chat,  # noqa: E402
                          save_checkpoint, sequence_logprobs, start_rollouts)
 from kernels.advantage import group_advantages, policy_loss  # noqa: E402
 
@@ -83,8 +81,7 @@ class Args:
     old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     matching: str = arg("greedy", "call matching: greedy (released code) | optimal (paper's text)")
-    granularity: str = arg("finest", "reward granularity (paper Sec. 5): finest | fine (exact name/key sets) | "
-                                     "intermediate (whole-call equality) | coarse (whole-list equality)")
+    granularity: str = arg("finest", "reward granularity (paper Sec. 5): finest | fine | intermediate | coarse")
     schedule: str = arg("none", "reward scale schedule (paper Sec. 5): none | dynamic | two_stage")
     two_stage_step: int = arg(30, "two_stage: step where correctness range x3 and format range /2 (code: 30)")
     equal_max: bool = arg(False, "ablation: R_correct in [-1, 1] (equal max with format)")
@@ -92,8 +89,8 @@ class Args:
     eval_per_category: int = arg(0, "BFCL items per category (fixed hashed subset); 0 = auto: 6 CPU, all GPU; -1 all")
     eval_max_new_tokens: int = arg(0, "greedy tokens at BFCL evaluation; 0 = auto: 128 on CPU, 1024 on GPU")
     gen_batch_size: int = arg(32, "sequences per generation batch")
-    heldout_file: str = arg("data/generated/toolrl_dev.jsonl", "live prompts in no training set; '' = none")
-    heldout_n: int = arg(0, "held-out prompts: greedy ToolRL reward before/after; 0 = auto: 64 CPU, all GPU; -1 all")
+    heldout_file: str = arg("data/generated/toolrl_dev.jsonl", "held-out live prompts (those that fit "
+                                                               "eval_max_prompt_tokens): greedy reward; '' = none")
     eval_only: bool = arg(False, "only measure BFCL accuracy of --model (no training)")
     save_model: bool = arg(True, "save the trained model to <run>/checkpoint")
     runs_dir: str = arg("runs", "folder that receives the run folder")
@@ -102,13 +99,12 @@ class Args:
 def resolve_defaults(args):
     """Fill the auto (0) fields: small on a CPU (run.sh must finish in ~20 min on 2 cores), larger on a GPU."""
     gpu = torch.cuda.is_available()
-    for name, cpu_value, gpu_value in [("total_steps", 6, 100), ("prompts_per_step", 4, 64),
-                                       ("max_new_tokens", 80, 512), ("max_prompt_tokens", 320, 2048),
-                                       ("eval_max_prompt_tokens", 512, 4096), ("eval_per_category", 6, -1),
-                                       ("eval_max_new_tokens", 128, 1024), ("micro_batch_tokens", 1024, 16384),
-                                       ("heldout_n", 64, -1)]:
+    for name, cpu, gpu_value in [("total_steps", 6, 100), ("prompts_per_step", 4, 64), ("max_new_tokens", 80, 512),
+                                 ("max_prompt_tokens", 320, 2048), ("eval_max_prompt_tokens", 512, 4096),
+                                 ("eval_per_category", 6, -1), ("eval_max_new_tokens", 128, 1024),
+                                 ("micro_batch_tokens", 1024, 16384)]:
         if getattr(args, name) == 0:
-            setattr(args, name, gpu_value if gpu else cpu_value)
+            setattr(args, name, gpu_value if gpu else cpu)
     args.total_steps = 0 if args.eval_only else args.total_steps
     return args
 
@@ -182,10 +178,8 @@ def format_reward(completion: str, ground_truth: str, max_reward=1.0, min_reward
 
 def match_score(a, b, exact=False):
     """Multiset Jaccard of two lists (the code's match_score): equal lists -> 1, an empty one -> 0."""
-    if a == b:
-        return 1.0
-    if exact or not a or not b:
-        return 0.0
+    if a == b or exact or not a or not b:
+        return float(a == b)
     inter = sum((Counter(a) & Counter(b)).values())
     return inter / (len(a) + len(b) - inter)
 
@@ -204,25 +198,19 @@ def _assign(gt, pred, granularity, matching):
     scores = [[_pair_score(g, p, granularity) if p["name"] == g["name"] else 0.0 for p in pred] for g in gt]
     if matching == "greedy" or len(pred) > 12:  # the released code: ground-truth order, best unused, first wins ties
         used, total = set(), 0.0
-        for row in scores:
-            best, best_j = 0.0, -1
-            for j, s in enumerate(row):
-                if j not in used and s > best:
-                    best, best_j = s, j
+        for row in scores:  # max() keeps the first of equal scores
+            best_j = max((j for j, s in enumerate(row) if j not in used and s > 0), key=row.__getitem__, default=-1)
             if best_j >= 0:
                 used.add(best_j)
-                total += best
+                total += row[best_j]
         return total
-    memo = {}  # optimal: exact search over (ground-truth index, set of used predictions)
 
-    def best(i, used):
+    @functools.lru_cache(maxsize=None)
+    def best(i, used):  # optimal: exact search over (ground-truth index, bit set of used predictions)
         if i == len(gt):
             return 0.0
-        if (i, used) not in memo:
-            memo[(i, used)] = max([best(i + 1, used)] + [scores[i][j] + best(i + 1, used | 1 << j)
-                                                         for j in range(len(pred))
-                                                         if scores[i][j] > 0 and not used >> j & 1])
-        return memo[(i, used)]
+        return max([best(i + 1, used)] + [scores[i][j] + best(i + 1, used | 1 << j) for j in range(len(pred))
+                                          if scores[i][j] > 0 and not used >> j & 1])
     return best(0, 0)
 
 
@@ -239,10 +227,8 @@ def correctness_reward(completion: str, ground_truth: str, max_reward=3.0, min_r
     pred = parse_tool_calls(completion.strip())
     if pred is None:
         return float(min_reward)
-    if gt == pred:
-        return float(max_reward)
-    if granularity == "coarse":
-        return float(min_reward)
+    if gt == pred or granularity == "coarse":  # coarse: whole-list equality
+        return float(max_reward if gt == pred else min_reward)
     score = match_score([c["name"] for c in gt], [c["name"] for c in pred], exact=granularity == "fine")
     score += _assign(gt, pred, granularity, matching)
     s_max = 1.0 + sum(1.0 if granularity == "intermediate" else 1.0 + len(g["parameters"]) for g in gt)
@@ -263,10 +249,7 @@ def toolrl_reward(completion: str, ground_truth: str, step=0, total_steps=1, mat
     fmt, cor = (0.0, 1.0), ((-1.0, 1.0) if equal_max else (-3.0, 3.0))  # (min, max)
     p = min(step / max(total_steps, 1), 1.0)
     if schedule == "two_stage":  # correctness range /3 before two_stage_step, format range /2 after
-        if step < two_stage_step:
-            cor = (cor[0] / 3, cor[1] / 3)
-        else:
-            fmt = (fmt[0] / 2, fmt[1] / 2)
+        cor, fmt = ((cor[0] / 3, cor[1] / 3), fmt) if step < two_stage_step else (cor, (fmt[0] / 2, fmt[1] / 2))
     elif schedule == "dynamic":  # format weight shrinks, correctness weight grows
         fmt, cor = (-2.0 + p, 2.0 - p), (-2.0 - p, 2.0 + p)
     out = {"format": format_reward(completion, ground_truth, fmt[1], fmt[0]),
@@ -320,8 +303,7 @@ def _dict_ok(value, accepted):
 def value_ok(value, accepted, ptype):
     """One argument value against its list of acceptable values, BFCL style: type from the tool doc (an int is
     accepted for a float), strings and list items compared after _norm, dicts key by key."""
-    if ptype == "float" and type(value) is int:
-        value = float(value)
+    value = float(value) if ptype == "float" and type(value) is int else value
     expected = PY_TYPES.get(ptype)
     answer_type = next((type(a) for a in accepted if a != ""), None)
     if expected is not None and type(value) is not expected and type(value) is not answer_type:
@@ -367,16 +349,12 @@ def bfcl_check(calls, possible_answer, tools, category):
     if len(calls) != len(possible_answer):
         return False, f"{len(calls)} call(s), expected {len(possible_answer)}"
     used = set()
-    for answer in possible_answer:
-        errors = []
-        for j, call in enumerate(calls):
-            if j not in used:
-                errors.append(check_call(call, answer, tools))
-                if errors[-1] is None:
-                    used.add(j)
-                    break
-        if not errors or errors[-1] is not None:
-            return False, errors[-1] if errors else "no call left"
+    for answer in possible_answer:  # the first unused call that satisfies it, else the last unused call's error
+        errors = [(j, check_call(call, answer, tools)) for j, call in enumerate(calls) if j not in used]
+        match = next((j for j, error in errors if error is None), None)
+        if match is None:
+            return False, errors[-1][1] if errors else "no call left"
+        used.add(match)
     return True, None
 
 
@@ -403,8 +381,7 @@ def load_jsonl(path, fields):
 
 
 def fits(tokenizer, row, max_tokens):
-    text = tokenizer.apply_chat_template(build_messages(row["tools"], row["dialogue"]), tokenize=False,
-                                         add_generation_prompt=True)
+    text = render_chat(tokenizer, build_messages(row["tools"], row["dialogue"]), add_generation_prompt=True)
     return len(tokenizer.encode(text, add_special_tokens=False)) <= max_tokens
 
 
@@ -417,10 +394,8 @@ def strip_eos(text, tokenizer):
 def evaluate(model, tokenizer, items, args, path):
     """Greedy completion per BFCL item -> accuracy per category and overall; one prediction per line in path."""
     order = sorted(range(len(items)), key=lambda i: len(json.dumps(items[i]["tools"])))  # less padding per batch
-    prompts = [build_messages(items[i]["tools"], items[i]["dialogue"]) for i in order]
-    rollouts = start_rollouts(tokenizer, prompts, n=1)
-    texts = generate(model, tokenizer, rollouts, args.eval_max_new_tokens, temperature=0.0,
-                     batch_size=args.gen_batch_size)
+    rollouts = start_rollouts(tokenizer, [build_messages(items[i]["tools"], items[i]["dialogue"]) for i in order])
+    texts = generate(model, tokenizer, rollouts, args.eval_max_new_tokens, 0.0, batch_size=args.gen_batch_size)
     per_cat = {}
     with open(path, "w") as f:
         for i, text in zip(order, texts):
@@ -447,14 +422,14 @@ def paired_bootstrap(before, after, samples=10000, seed=0):
     """Mean paired difference after - before and its 95% percentile bootstrap interval (items resampled)."""
     d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
     means = d[np.random.default_rng(seed).integers(0, len(d), (samples, len(d)))].mean(1)
-    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return {"diff": float(d.mean()), "diff_ci95_low": float(np.percentile(means, 2.5)),
+            "diff_ci95_high": float(np.percentile(means, 97.5))}
 
 
 def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
     """Scale of a micro-batch loss so that the accumulated gradient equals the minibatch reduction."""
-    if loss_type == "bnpo":
-        return tokens / max(mini_tokens, 1.0)
-    return 1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
+    return tokens / max(mini_tokens, 1.0) if loss_type == "bnpo" else \
+        1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
 
 
 def micro_batches(data, rows, args):
@@ -467,8 +442,7 @@ def micro_batches(data, rows, args):
         cost = lengths[r] - (prompt[r] if same else 0)
         if not out or used + cost > args.micro_batch_tokens:
             out, used, cost = out + [[]], 0, lengths[r]
-        out[-1].append(r)
-        used += cost
+        out[-1], used = out[-1] + [r], used + cost
     return out
 
 
@@ -483,8 +457,7 @@ def _logprobs(model, data, mb, args):
 def _logprobs_in_chunks(model, data, args):
     out = torch.zeros_like(data["loss_mask"])  # (N, T)
     for mb in micro_batches(data, range(len(out)), args):
-        logp = _logprobs(model, data, mb, args)
-        out[mb, :logp.shape[1]] = logp
+        out[mb, :int(data["attention_mask"][mb].sum(1).max())] = _logprobs(model, data, mb, args)
     return out
 
 
@@ -540,7 +513,6 @@ def main(args):
     train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
     heldout = [r for r in load_jsonl(args.heldout_file, ["id", "tools", "dialogue", "ground_truth"])
                if fits(tokenizer, r, args.eval_max_prompt_tokens)] if args.heldout_file else []
-    heldout = heldout[:args.heldout_n] if args.heldout_n >= 0 else heldout
     evals = load_jsonl(args.eval_file, ["id", "category", "tools", "dialogue", "possible_answer"])
     n_train = len(train)
     train = [r for r in train if fits(tokenizer, r, args.max_prompt_tokens)] if args.total_steps > 0 else []
@@ -582,7 +554,6 @@ def main(args):
         texts = [strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, args.max_new_tokens,
                  args.temperature, batch_size=args.gen_batch_size, share_prefix=args.shared_prefix)]
         t_gen = time.time() - t_gen
-
         # 2. rewards: named components per completion
         t_train = time.time()
         comps = [toolrl_reward(text, batch[i // G]["ground_truth"], step, args.total_steps, args.matching,
@@ -590,28 +561,22 @@ def main(args):
                                args.length_reward) for i, text in enumerate(texts)]
         rewards = torch.tensor([c["total"] for c in comps])  # (B*G,)
         assert torch.isfinite(rewards).all(), "non-finite reward"
-
         # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3)
         advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps).to(device)  # (B*G,)
         group_std = rewards.view(B, G).std(dim=1)
-
         # 4.-5. old_logp, then several minibatch updates of the clipped surrogate
         data = collate(rollouts, tokenizer.pad_token_id, device)
         stats = grpo_update(model, optimizer, data, advantages, args, ref_model)
-        loss_mask = data["loss_mask"]
         t_train = time.time() - t_train
-
         # 6. log aggregates over the whole step
-        n_new = loss_mask.sum(1)  # (B*G,)
+        n_new = data["loss_mask"].sum(1)  # (B*G,)
         row = {"reward": rewards.mean(), "reward_std": rewards.std(),
                "frac_reward_zero_std": float((group_std < 1e-6).float().mean()),
                **{f"rewards/{k}/mean": float(np.mean([c[k] for c in comps])) for k in comps[0] if k != "total"},
-               **stats,
-               "completion_len": float(n_new.float().mean()),
+               **stats, "completion_len": float(n_new.float().mean()),
                "clipped_ratio": float(np.mean([r.stop_reason == "length" for r in rollouts])),
                "tool_calls": float(np.mean([len(parse_bfcl_calls(t) or []) for t in texts])),
-               "tokens_per_s": float(n_new.sum()) / max(t_gen, 1e-9), "time/generate_s": t_gen,
-               "time/train_s": t_train}
+               "tokens_per_s": float(n_new.sum()) / max(t_gen, 1e-9), "time/generate_s": t_gen, "time/train_s": t_train}
         logger.log(step, row, keys=keys)
 
     # 7. BFCL accuracy and held-out reward after training (paired bootstrap interval); predictions in predictions.jsonl
@@ -619,9 +584,8 @@ def main(args):
         if evals and args.total_steps > 0 else {}
     if heldout and args.total_steps > 0:
         heldout_after = heldout_rewards(model, tokenizer, heldout, args)
-        diff, low, high = paired_bootstrap(heldout_before, heldout_after)
-        after.update({"heldout/reward": float(np.mean(heldout_after)), "heldout/diff": diff,
-                      "heldout/diff_ci95_low": low, "heldout/diff_ci95_high": high})
+        after.update({f"heldout/{k}": v for k, v in paired_bootstrap(heldout_before, heldout_after).items()},
+                     **{"heldout/reward": float(np.mean(heldout_after))})
     if after:
         print("after:", json.dumps(after))
     summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},

@@ -143,7 +143,7 @@ def test_smoke_tiny(tmp_path):
            "--train-file", "data/toolrl_train_sample.jsonl", "--eval-file", "data/bfcl_eval_sample.jsonl",
            "--max-prompt-tokens", "1024", "--eval-max-prompt-tokens", "1024", "--beta", "0.04",
            "--save-model", "false", "--exp-name", "smoke_toolrl", "--heldout-file", "data/toolrl_train_sample.jsonl",
-           "--heldout-n", "3", "--micro-batch-tokens", "600", "--runs-dir", str(tmp_path)]
+           "--micro-batch-tokens", "600", "--runs-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -156,8 +156,9 @@ def test_smoke_tiny(tmp_path):
     preds = [json.loads(line) for line in open(run / "predictions.jsonl")]
     assert len(preds) == 5 and {"id", "completion", "calls", "correct"} <= set(preds[0])
     summary = json.loads((run / "summary.json").read_text())
-    assert "after/bfcl/overall" in summary and "before/bfcl/irrelevance" in summary and summary["heldout_items"] == 3
-    assert summary["after/heldout/diff_ci95_low"] <= summary["after/heldout/diff"] <= summary["after/heldout/diff_ci95_high"]
+    assert "after/bfcl/overall" in summary and "before/bfcl/irrelevance" in summary and summary["heldout_items"] > 0
+    low, diff, high = (summary[f"after/heldout/{k}"] for k in ("diff_ci95_low", "diff", "diff_ci95_high"))
+    assert low <= diff <= high
     assert -3 <= summary["before/heldout/reward"] <= 4
 
 
@@ -234,6 +235,6 @@ def test_learning_reward_rises_tiny():
 
 def test_paired_bootstrap():
     before, after = [0.0, 1.0, -3.0, 4.0, 1.0], [1.0, 1.0, -2.0, 4.0, 2.0]  # differences 1, 0, 1, 0, 1
-    diff, low, high = paired_bootstrap(before, after)
+    diff, low, high = paired_bootstrap(before, after).values()
     assert diff == pytest.approx(0.6) and 0.0 <= low < 0.6 < high <= 1.0
-    assert paired_bootstrap([1.0] * 4, [1.0] * 4) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap([1.0] * 4, [1.0] * 4) == {"diff": 0.0, "diff_ci95_low": 0.0, "diff_ci95_high": 0.0}
