@@ -64,15 +64,15 @@ exp_rmr1() {  # extra arguments go to the GRPO stage, e.g. bash run.sh rmr1 --to
 exp_iteralign() {  # extra arguments go to every iteralign.py call, e.g. bash run.sh iteralign --attack plain
   local iters=${ITERALIGN_ITERS:-2} model=smollm2-135m consts="" runs="" run i first
   # plain red-team requests: under the CoU wrapper SmolLM2-135M almost never refuses, even with constitutions
-  local eval_size=(--attack plain --hhh-format both --hhh-limit 15)  # CPU: 15 HHH items per category (60 of 221)
-  [ "$GPU" = 1 ] && eval_size=(--attack plain --hhh-format both --hhh-limit 0)
+  local opts=(--attack plain --hhh-limit 10)  # CPU: HHH on the first 10 items of each category (40 of 221)
+  [ "$GPU" = 1 ] && opts=(--attack plain --hhh-format both --hhh-limit 0)
   [ -s data/generated/hhh_alignment.jsonl ] || "$PY" data/make_hhh.py
   for ((i = 0; i < iters; i++)); do
     # 1. one iteration on red-team batch i: answers, evaluator, constitutions, self-reflection -> sft_data.jsonl
     #    (the first one also scores HHH and the held-out red-team prompts of the model as it ships)
     first=false; [ "$i" = 0 ] && first=true
     "$PY" algos/iteralign.py --exp-name "iteralign_it$i" --iteration "$i" --model "$model" \
-      --constitutions-in "$consts" --evaluate "$first" "${eval_size[@]}" "$@"
+      --constitutions-in "$consts" --evaluate "$first" "${opts[@]}" "$@"
     run=$(ls -td runs/iteralign_it"$i"__1__* | head -1); runs="$runs $run"; consts="$run/constitutions.txt"
     # 2. context distillation with algos/sft.py (prompt without constitutions -> revised answer); the next
     #    iteration starts from its checkpoint. A batch that left nothing to learn keeps the model.
@@ -84,7 +84,7 @@ exp_iteralign() {  # extra arguments go to every iteralign.py call, e.g. bash ru
   done
   # 3. the final model: HHH and held-out red team again, and the per-iteration table
   "$PY" algos/iteralign.py --exp-name iteralign_final --eval-only true --model "$model" --report-runs "$runs" \
-    "${eval_size[@]}" "$@"
+    "${opts[@]}" "$@"
 }
 
 exp_otc_ppo() {  # extra arguments go to both RL arms, e.g. bash run.sh otc_ppo --estimator grpo --total-steps 20
