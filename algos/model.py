@@ -168,7 +168,7 @@ def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(
     group, shared = prefix_groups(seqs) if share_prefix else (list(range(B)), [0] * B)
     _, own, hidden, attn, kv, _ = _shared_forward(model, seqs, group, shared, device)  # each prefix once, then the rows
     logits = model.get_output_embeddings()(hidden[torch.arange(B), attn[:, -own.shape[1]:].sum(1) - 1])  # (B, V)
-    cache = DynamicCache([layer.seen for layer in kv])
+    cache, kv = DynamicCache([layer.seen for layer in kv]), None  # the cache alone holds keys/values from here on
     pos = torch.tensor([[len(x)] for x in seqs], device=device)  # (B, 1): the next token's position
     new = [[] for _ in range(B)]
     tail = max([len(tokenizer.encode(s, add_special_tokens=False)) for s in stop] + [0]) + 2
