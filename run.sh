@@ -29,20 +29,34 @@ exp_sft() {
   "$PY" algos/sft.py "$@"
 }
 
-exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh grpo_toolrl --total-steps 20
-  local sft_size=(--max-steps 16 --eval-every 16 --eval-rows 21) ckpt  # ~5 min on 2 CPU cores
-  [ "$GPU" = 1 ] && sft_size=(--max-steps 60 --batch-size 16 --eval-every 20 --eval-rows 0)
+exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh grpo_toolrl --total-steps 40
+  local grpo_size=(--total-steps 20 --lr 5e-5 --max-prompt-tokens 512 --eval-max-prompt-tokens 1024) ckpt
+  [ "$GPU" = 1 ] && grpo_size=()
   # 1. ToolRL records from the BFCL data inside the installed bfcl-eval package (seconds; kept in data/generated/)
-  [ -s data/generated/bfcl_eval.jsonl ] || "$PY" data/make_toolrl_bfcl.py --out-dir data/generated
+  [ -s data/generated/toolrl_dev.jsonl ] || "$PY" data/make_toolrl_bfcl.py --out-dir data/generated
   # 2. BFCL accuracy of the embedded model as it ships
-  "$PY" algos/grpo_toolrl.py --eval-only true --exp-name toolrl_base
+  "$PY" algos/grpo_toolrl.py --eval-only true --exp-name toolrl_base --heldout-file ""
   # 3. SFT warm start on the live split: cold, a 135M model never writes the tag format, so every sample of a group
   #    scores the same and GRPO gets no signal (the paper also reports SFT then GRPO)
+  ckpt=$(toolrl_warm_start)
+  # 4. GRPO with the ToolRL reward from the warm start: greedy ToolRL reward on the held-out live prompts (dev split,
+  #    the 67 that fit 1024 tokens) before and after with a paired bootstrap interval, and BFCL before and after
+  "$PY" algos/grpo_toolrl.py --model "$ckpt" "${grpo_size[@]}" "$@"
+}
+
+toolrl_warm_start() {  # prints the checkpoint of a fresh SFT warm start (8 steps of 4 rows on CPU)
+  local sft_size=(--max-steps 8 --eval-every 8 --eval-rows 8)
+  [ "$GPU" = 1 ] && sft_size=(--max-steps 60 --batch-size 16 --eval-every 20 --eval-rows 0)
   "$PY" algos/sft.py --exp-name toolrl_sft --train-file data/generated/toolrl_sft_train.jsonl \
-    --eval-file data/generated/toolrl_sft_dev.jsonl --decision-rows 0 "${sft_size[@]}"
-  ckpt=$(ls -td runs/toolrl_sft__1__*/checkpoint | head -1)
-  # 4. GRPO with the ToolRL reward from the warm start, BFCL accuracy before and after (larger defaults on a GPU)
-  "$PY" algos/grpo_toolrl.py --model "$ckpt" "$@"
+    --eval-file data/generated/toolrl_sft_dev.jsonl --decision-rows 0 "${sft_size[@]}" >&2
+  ls -td runs/toolrl_sft__1__*/checkpoint | head -1
+}
+
+exp_bench_grpo() {  # GRPO step time and peak memory: grpo_toolrl as of e365580 and now (+ TRL when installed)
+  [ -s data/generated/toolrl_train.jsonl ] || "$PY" data/make_toolrl_bfcl.py --out-dir data/generated
+  local ckpt; ckpt=$(ls -td runs/toolrl_sft__1__*/checkpoint 2>/dev/null | head -1)
+  [ -n "$ckpt" ] || ckpt=$(toolrl_warm_start)
+  "$PY" algos/bench_grpo.py --model "$ckpt" "$@"
 }
 
 exp_rmr1() {  # extra arguments go to the GRPO stage, e.g. bash run.sh rmr1 --total-steps 20
@@ -119,7 +133,7 @@ exp_decisionflow() {  # four methods on the bundled MTA-format sample (12 items 
   "$PY" algos/decisionflow.py "$@"  # e.g. --data mta_test.json --model http://host:8000/v1 --model-name <served>
 }
 
-EXPERIMENTS="grpo_toolrl sft rmr1 iteralign otc_ppo decisionflow"
+EXPERIMENTS="grpo_toolrl sft rmr1 iteralign otc_ppo decisionflow bench_grpo"
 cmd="${1:-grpo_toolrl}"
 [ $# -gt 0 ] && shift
 setup
