@@ -30,17 +30,22 @@ Differences from the paper and its released code (github.com/xiusic/DecisionFlow
 5. Prompts are our own wording; the model is SmolLM2-135M-Instruct on CPU (paper: GPT-4o, Qwen2.5-7B and others).
    A 135M model rarely writes valid JSON for these schemas, so most steps end in their fallback: the figures show
    the pipeline's mechanics on CPU, not the paper's gains. Point --model at a served 7B+ model for those.
-6. Answers of the baselines must read "Answer: <letter>" (or be the bare letter); anything else is unparseable and
-   counts as wrong. Self-consistency ties go to the answer that reached the top count first.
+6. Answers of the baselines must read "Answer: <letter>", be the bare letter, or open with a lettered choice
+   ("B. Carry the nurse..."); anything else is unparseable and counts as wrong. Self-consistency ties go to the
+   answer that reached the top count first.
+7. On a local model each step's reply is forced to open with its JSON ('{"weights": [', `PREFILL`); without it the
+   135M model never writes JSON at all. Remote endpoints get plain conversations. Prompt examples use placeholders
+   (<subject of A>, w1, sA1) that fail validation when copied, so a copied example is not counted as valid.
 
 Usage:
     python data/make_decisionflow_sample.py          # rewrites data/decisionflow_sample.json (deterministic)
     python algos/decisionflow.py                     # four methods on the bundled sample, embedded model
     python algos/decisionflow.py --data mta_test.json --model http://localhost:8000/v1 --model-name Qwen/...
     python algos/decisionflow.py --model tiny --methods zero_shot,decisionflow --max-step-tokens 8   # smoke
-Expected at the defaults (2-core CPU, 12 sample items x 2 targets, four methods): a few minutes; accuracies near
-chance for a 135M model, most DecisionFlow steps falling back, Bias shown per method and per KDMA. Measured:
-README.md.
+Expected at the defaults (12 sample items x 2 targets, four methods; 16 min on a shared, busy 2-core CPU): zero-shot
+and CoT 50 / 50 / 0 (the 135M model picks the same choice for both targets), self-consistency near that, DecisionFlow
+0 / 0 / 0: its weights and scores steps never pass their schemas, so every utility ties and a tie is no decision.
+Measured, with per-KDMA and per-step tables: README.md.
 """
 import json
 import random
