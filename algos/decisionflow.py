@@ -304,7 +304,7 @@ def step_prompt(step, item, st, target=None):
     if step == "variables":
         ask = (f"Step 1. Name the decision variables: for each of the {n} choices, in order, a short name of the "
                f"patient, group or strategy it acts on (all different).\n"
-               f'JSON: {{"variables": [{", ".join(chr(34) + "<subject of " + letter(j) + ">" + chr(34) for j in range(n))}]}}')
+               'JSON: {"variables": [' + ", ".join(f'"<subject of {letter(j)}>"' for j in range(n)) + "]}")
     elif step == "extraction":
         ask = (f"Variables: {', '.join(st['variables'])}.\nStep 2. List the key facts of the scenario. Each fact is "
                "one sentence that names its variable explicitly (no pronouns).\n"
@@ -324,7 +324,7 @@ def step_prompt(step, item, st, target=None):
                f"{_attrs_text(st, st['kept'])}\nStep 5. For each choice ({', '.join(letter(j) for j in range(n))}), "
                f"score each of the {k} attributes from 0 to 1: how strongly taking that choice expresses the value "
                "through that attribute. Treat each score as the mean of a Normal(mu, sigma) belief.\n"
-               f'JSON: {{"scores": [{", ".join("[s" + letter(j) + "1, ..., s" + letter(j) + str(k) + "]" for j in range(n))}]}} '
+               'JSON: {"scores": [' + ", ".join(f"[s{letter(j)}1, ..., s{letter(j)}{k}]" for j in range(n)) + "]} "
                f"({n} lists, one per choice, each with {k} numbers)")
     else:  # decision
         utils, pick = st["utility"], st["pick"][target]
