@@ -28,12 +28,12 @@ Differences from the paper and Search-R1, and why:
 8. Calls: only executed searches count; a search written after the c-th one ends the rollout unexecuted.
 
 Usage:
-    python data/make_otc_qa.py                                   # corpus + QA (already committed in data/)
-    bash run.sh otc_ppo                                          # SFT warm start, then EM vs OTC, table of EM/TC/TP
+    bash run.sh otc_ppo      # data if missing (data/make_otc_qa.py), SFT warm start, EM vs OTC arms, EM/TC/TP table
     python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo
     python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
-Expected at the defaults (2-core CPU, after run.sh's warm start): about 1 min per step; EM about the same in both
-arms, fewer calls per question with --reward otc, mostly on the memory questions. Measured: README.md.
+Expected at the defaults (after run.sh's warm start; shared, busy 2-core CPU): 3-5 min per step, ~35 min per arm.
+With --reward em the policy learns to search more (a second search repairs answers copied from the wrong passage);
+--reward otc is meant to keep EM with fewer calls. 8 steps are a smoke-sized budget: measured figures, README.md.
 """
 import copy
 import json
@@ -96,7 +96,7 @@ class Args:
     ent_coef: float = arg(0.0, "entropy bonus (needs full logits; Search-R1: 0.001)")
     num_minibatches: int = arg(2, "optimizer steps per rollout batch")
     ppo_epochs: int = arg(1, "passes over the rollout batch")
-    micro_batch_size: int = arg(4, "sequences per forward/backward")
+    micro_batch_size: int = arg(2, "sequences per forward/backward (4 needed ~10 GB at 5 turns; OOM-killed here)")
     clip_low: float = arg(0.2, "PPO clip epsilon below 1")
     clip_high: float = arg(0.2, "PPO clip epsilon above 1")
     loss_type: str = arg("dapo", "reduction: dapo (token mean over the minibatch, verl) | bnpo | grpo | dr_grpo")
@@ -273,12 +273,10 @@ class BM25Retriever:
 
     def __init__(self, passages):
         import bm25s
-        self.bm25s, self.passages = bm25s, passages
+        self.passages = passages
         self.index = bm25s.BM25()
+        self._tok = lambda texts: bm25s.tokenize(texts, stopwords="en", show_progress=False)
         self.index.index(self._tok([f"{p['title']} {p['text']}" for p in passages]), show_progress=False)
-
-    def _tok(self, texts):
-        return self.bm25s.tokenize(texts, stopwords="en", show_progress=False)
 
     def search(self, queries, topk):
         if not queries:
@@ -388,8 +386,8 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
 
 def _env_turn(tokenizer, rollout, content, before, after):
     """Close the assistant turn (unless it ended with EOS) and add a tool turn + the next assistant header."""
-    ended = rollout.token_ids[-1] == tokenizer.eos_token_id
-    text = (before[len(tokenizer.eos_token):] if ended and before.startswith(tokenizer.eos_token) else before)
+    ended = rollout.token_ids[-1] == tokenizer.eos_token_id and before.startswith(tokenizer.eos_token)
+    text = before[len(tokenizer.eos_token):] if ended else before
     append_tokens(rollout, tokenizer.encode(text + content + after, add_special_tokens=False))
 
 
@@ -400,8 +398,8 @@ def summarize(episodes, rows, em):
         idx = [i for i, r in enumerate(rows) if kind in ("all", r["kind"])]
         calls, correct = sum(episodes[i]["calls"] for i in idx), sum(em[i] for i in idx)
         key = "" if kind == "all" else f"/{kind}"
-        out.update({f"em{key}": correct / len(idx), f"tc{key}": calls / len(idx),
-                    f"tp{key}": correct / calls if calls else None})
+        out.update({f"em{key}": correct / len(idx), f"tc{key}": calls / len(idx), f"tp{key}": correct / calls
+                    if calls else None})
     return out
 
 
@@ -497,11 +495,9 @@ def main(args):
     value_head = None
     if args.estimator == "ppo":
         value_head = torch.nn.Linear(model.config.hidden_size, 1).to(device)
-        head_file = Path(args.model) / "value_head.pt"
-        if head_file.exists():  # resume the critic with its policy
-            value_head.load_state_dict(torch.load(head_file))
-        else:
-            torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
+        torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
+        if (Path(args.model) / "value_head.pt").exists():  # resume the critic with its policy
+            value_head.load_state_dict(torch.load(Path(args.model) / "value_head.pt"))
     print(f"train questions: {len(train)}, test questions: {len(tests)}, estimator {args.estimator}, "
           f"reward {args.reward}, {args.prompts_per_step} x {args.group_size} rollouts per step")
     logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir)
@@ -512,10 +508,8 @@ def main(args):
         if args.eval_before and tests else {}
     print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
 
-    groups = [{"params": model.parameters(), "lr": args.lr}]
-    if value_head is not None:
-        groups.append({"params": value_head.parameters(), "lr": args.critic_lr})
-    optimizer = torch.optim.Adam(groups)
+    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": args.lr}] + (
+        [] if value_head is None else [{"params": value_head.parameters(), "lr": args.critic_lr}]))
     order, cursor, B, G = list(range(len(train))), len(train), args.prompts_per_step, args.group_size
     best_calls = {}  # OTC-GRPO: question id -> fewest calls of a correct rollout so far
     keys = ["reward", "rewards/em/mean", "tool_calls", "rewards/tool/mean", "value_loss", "explained_variance", "kl",

@@ -319,7 +319,7 @@ def test_learning_fewer_calls_tiny():
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": args.lr},
                             {"params": head.parameters(), "lr": args.critic_lr}])
     curve = []
-    for _ in range(12):
+    for _ in range(10):
         rollouts = start_rollouts(tok, ["Search:", "Go:", "Question:", "Look up:"], n=8)
         generate(model, tok, rollouts, 8, 1.0)
         calls = torch.tensor([float(call_tok[torch.tensor(r.completion_ids)].sum()) for r in rollouts])
@@ -336,4 +336,5 @@ def test_learning_fewer_calls_tiny():
                            old_v, ret)
         assert stats["approx_kl"] >= 0 and stats["value_loss"] >= 0
         curve.append(calls.mean().item())
+    print("calls per rollout:", [round(c, 2) for c in curve])
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.5, curve
