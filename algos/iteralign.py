@@ -21,8 +21,8 @@ Differences from the paper and the released code:
    they fit the bundled prompt set, where every request should be refused.
 3. Red-team data: our own 80-request set in 10 harm categories (data/make_redteam.py); loaders for HarmfulQA,
    DangerousQA and hh-rlhf red-team formats. The CoU wrapper is written in our own words.
-4. Constitutions go into the user turn by default (`--constitution-place user`): SmolLM2-135M ignored them in the
-   system prompt in our probe (0 of 10 refusals), the user turn gave several.
+4. Constitutions go into the user turn by default (`--constitution-place user`): in a probe (10 plain requests)
+   SmolLM2-135M refused 0 of 10 with them in the system prompt, 3 of 10 in the user turn, 0 under CoU either way.
 5. Only the prompts whose first answer failed are answered again (the paper revises the failing batch, too).
 6. HHH by log-likelihood: the letter of the better reply when both are shown as (A)/(B), in both orders (right in
    one order only is half a point; `hhh_both` needs both); `--hhh-format ll` scores each option as the reply.
@@ -33,8 +33,8 @@ Usage:
     python algos/iteralign.py --eval-only true --model runs/<sft run>/checkpoint   # HHH + held-out red team only
     python algos/iteralign.py --evaluator http://127.0.0.1:8000/v1 --oracle-model-name <served model>
     python algos/iteralign.py --model tiny --batch-size 4 --max-new-tokens 8       # smoke run, seconds
-Expected at the defaults (SmolLM2-135M, rule oracles, CPU): most first answers under the CoU attack are violations;
-the constitutions fix a few; HHH accuracy moves by a few points at most. README.md has the measured figures.
+Expected (run.sh: SmolLM2-135M, rule oracles, plain requests, CPU): ~90% violations at first, the rules fix a few,
+SFT on those teaches a stock refusal (~50% at iteration 1); HHH choice format at chance (always "A"). See README.md.
 """
 import gzip
 import http.client
