@@ -225,6 +225,10 @@ def test_truthfulqa_mc1_loader_and_scorer(tmp_path):
 
 def test_hhh_loader_names_file_line_and_field(tmp_path):
     path = tmp_path / "hhh.jsonl"
+    rows = [{**ITEM, "id": f"{c}-{i}", "category": c} for c in ("harmless", "honest") for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["id"] for r in load_hhh(path, limit=2)] == ["harmless-0", "harmless-1", "honest-0", "honest-1"]
+    assert len(load_hhh(path)) == 6
     path.write_text(json.dumps(ITEM) + "\n" + json.dumps({**ITEM, "chosen": 3}) + "\n")
     with pytest.raises(ValueError, match=r"hhh.jsonl:2: field 'chosen'"):
         load_hhh(path)
