@@ -60,7 +60,7 @@ exp_bench_grpo() {  # GRPO step time and peak memory: grpo_toolrl as of e365580 
 }
 
 exp_rmr1() {  # extra arguments go to the GRPO stage, e.g. bash run.sh rmr1 --total-steps 20
-  local sft_size=(--max-steps 30 --eval-every 15 --eval-rows 12) ckpt  # CPU: 120 of the 240 traces
+  local sft_size=(--max-steps 12 --lr 2e-4 --eval-every 12 --eval-rows 8) ckpt  # CPU: 48 of the 240 traces
   [ "$GPU" = 1 ] && sft_size=(--max-steps 60 --batch-size 16 --eval-every 20 --eval-rows 0)
   # 1. synthetic pairs + offline Chain-of-Rubrics traces (seconds), and the real BIG-bench HHH pairs
   [ -s data/generated/rmr1_sft_train.jsonl ] || "$PY" data/make_rmr1_cor.py

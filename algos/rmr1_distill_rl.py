@@ -17,7 +17,7 @@ Differences from the paper and the released code:
    data/make_hhh.py) instead of RewardBench / RM-Bench / RMB; `load_pairs` also reads RewardBench-format rows
    (prompt/chosen/rejected/subset). Every pair is scored in BOTH orders (the released evaluation swaps A/B at random
    once), so accuracy cannot be won by a position preference; we also report the position-consistency rate.
-3. Model and scale: SmolLM2-135M-Instruct; on a CPU 4 steps of 2 prompts x 4 samples, 160 new tokens, HHH scored on
+3. Model and scale: SmolLM2-135M-Instruct; on a CPU 2 steps of 2 prompts x 4 samples, 160 new tokens, HHH scored on
    a fixed hashed subset of 3 short items per category and the synthetic set on 4 pairs per category (on a GPU: 200
    steps of 32 prompts x 7, 1024 new tokens, all items); the paper: 7B-32B models, group 7, responses up to 8192
    tokens, lr 1e-6. Our lr is 1e-5 (a 135M model and a handful of steps).
@@ -70,7 +70,7 @@ class Args:
     hhh_file: str = arg("data/generated/hhh_alignment.jsonl", "BIG-bench HHH pairs (data/make_hhh.py; '' = skip)")
     rewardbench_file: str = arg("", "optional RewardBench-format JSONL (prompt, chosen, rejected, subset) to score")
     runs_dir: str = arg("runs", "where run folders go")
-    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 4 on CPU, 200 on GPU")
+    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 2 on CPU, 200 on GPU")
     prompts_per_step: int = arg(0, "pairs per step; 0 = auto: 2 on CPU, 32 on GPU")
     group_size: int = arg(0, "samples per prompt G; 0 = auto: 4 on CPU, 7 on GPU (paper: 7)")
     max_new_tokens: int = arg(0, "trace length limit; 0 = auto: 160 on CPU, 1024 on GPU (paper: 8192)")
@@ -105,7 +105,7 @@ class Args:
 def resolve_defaults(args):
     """Fill the auto (0) fields: small on a CPU (run.sh must finish in ~40 min on 2 cores), larger on a GPU."""
     gpu = torch.cuda.is_available()
-    for name, cpu_value, gpu_value in [("total_steps", 4, 200), ("prompts_per_step", 2, 32), ("group_size", 4, 7),
+    for name, cpu_value, gpu_value in [("total_steps", 2, 200), ("prompts_per_step", 2, 32), ("group_size", 4, 7),
                                        ("max_new_tokens", 160, 1024), ("max_prompt_tokens", 640, 4096),
                                        ("eval_per_category", 4, -1), ("hhh_per_category", 3, -1),
                                        ("eval_max_new_tokens", 150, 1024), ("eval_max_prompt_tokens", 640, 4096)]:
