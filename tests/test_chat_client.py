@@ -93,6 +93,7 @@ class Stub(http.server.BaseHTTPRequestHandler):
 def stub():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
     server.daemon_threads = True
+    server.handle_error = lambda request, address: None  # the /slow reply meets a closed socket after the timeout
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
