@@ -37,7 +37,6 @@ Expected (run.sh: SmolLM2-135M, rule oracles, plain requests, CPU): ~90% violati
 SFT on those teaches a stock refusal (~50% at iteration 1); HHH choice format at chance (always "A"). See README.md.
 """
 import gzip
-import http.client
 import json
 import random
 import re
@@ -298,8 +297,7 @@ def sft_row(prompt, answer):
 
 # ---------------------------------------------------------------- oracles (evaluator and proposer roles)
 class Oracle:
-    """A role through ChatClient, or the named rule. Transport errors that ChatClient lets through (a reply that is
-    not HTTP at all raises http.client.HTTPException there) are turned into ChatError here."""
+    """A role through ChatClient (a dead or broken endpoint raises ChatError there), or the named rule."""
 
     def __init__(self, backend, args, policy=None, log_path=None):
         self.backend, self.client, self.unparsed, self.name = backend, None, 0, None
@@ -309,12 +307,7 @@ class Oracle:
             self.name = backend
 
     def chat(self, conversations, max_tokens):
-        try:
-            return self.client.chat(conversations, max_tokens=max_tokens, temperature=0.0)
-        except ChatError:
-            raise
-        except (http.client.HTTPException, OSError, ValueError) as e:
-            raise ChatError(f"{self.backend}: {type(e).__name__}: {e}") from None
+        return self.client.chat(conversations, max_tokens=max_tokens, temperature=0.0)
 
     def judge(self, items):
         """Verdict per {"question", "answer"}; an unparseable reply falls back to the rule and is counted."""

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request  # also loads urllib.error
+import urllib.request  # also loads urllib.error and http.client
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,7 +347,7 @@ class ChatClient:
             except urllib.error.HTTPError as e:
                 if (e.code != 429 and e.code < 500) or attempt == self.retries:
                     raise ChatError(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except (OSError, urllib.request.http.client.HTTPException) as e:  # refused, timed out, not HTTP
                 if attempt == self.retries:
                     raise ChatError(f"{url}: no reply after {attempt + 1} tries ({e})") from None
             time.sleep(min(2 ** attempt, 10))

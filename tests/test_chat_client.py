@@ -145,8 +145,10 @@ def test_retry_after_503_then_success(stub):
     assert Stub.hits["flaky"] == 2
 
 
-def test_not_http_at_all_is_a_chat_error_through_the_oracle(stub):
-    # ChatClient lets http.client.BadStatusLine through (not an OSError); the Oracle wrapper turns it into ChatError
+def test_not_http_at_all_is_a_chat_error(stub):
+    # http.client raises BadStatusLine (not an OSError) on a reply that is not HTTP: ChatClient must wrap it too
+    with pytest.raises(ChatError, match="garbage/v1/chat/completions: no reply after 2 tries"):
+        ChatClient(f"{stub}/garbage/v1", retries=1, timeout=5).chat([[{"role": "user", "content": "hi"}]], 4)
     oracle = Oracle(f"{stub}/garbage/v1", Args(oracle_retries=0, oracle_timeout=5))
     with pytest.raises(ChatError, match="garbage/v1"):
         oracle.judge([{"question": "q", "answer": "a"}])
