@@ -33,9 +33,10 @@ Usage:
     python algos/rmr1_distill_rl.py --model runs/rmr1_sft__1__<t>/checkpoint   # GRPO from a distilled model
     python algos/rmr1_distill_rl.py --eval-only true --hhh-per-category -1      # score all 221 HHH items
     python algos/rmr1_distill_rl.py --model tiny --total-steps 2 --max-new-tokens 8   # smoke test, seconds
-Expected at the defaults (2-core CPU): the shipped model almost never writes a verdict tag, so its accuracy is near
-0; distillation brings the format and above-chance accuracy on the synthetic pairs, much less on HHH; 6 GRPO steps
-change little. Measured: README.md.
+Expected at the defaults (2-core CPU): the shipped model never writes a verdict (accuracy 0); 12 distillation steps
+bring the format (one well-formed verdict in ~all judgements) but a judge that always says [[A]]: 50% accuracy in
+both orders, 0% position consistency, on the synthetic and the HHH pairs alike; 2 GRPO steps change no verdict.
+Measured (README.md): ~100 min for all of run.sh on the shared, busy machine (39 min of it the base evaluation).
 """
 import copy
 import hashlib
@@ -103,7 +104,8 @@ class Args:
 
 
 def resolve_defaults(args):
-    """Fill the auto (0) fields: small on a CPU (run.sh must finish in ~40 min on 2 cores), larger on a GPU."""
+    """Fill the auto (0) fields: small on a CPU (generation dominates: one 135M judgement is ~120 tokens), larger
+    on a GPU."""
     gpu = torch.cuda.is_available()
     for name, cpu_value, gpu_value in [("total_steps", 2, 200), ("prompts_per_step", 2, 32), ("group_size", 4, 7),
                                        ("max_new_tokens", 160, 1024), ("max_prompt_tokens", 640, 4096),
