@@ -36,7 +36,7 @@ Usage:
 Expected at the defaults (2-core CPU): the shipped model never writes a verdict (accuracy 0); 12 distillation steps
 bring the format (one well-formed verdict in ~all judgements) but a judge that always says [[A]]: 50% accuracy in
 both orders, 0% position consistency, on the synthetic and the HHH pairs alike; 2 GRPO steps change no verdict.
-Measured (README.md): ~100 min for all of run.sh on the shared, busy machine (39 min of it the base evaluation).
+Measured (README.md): 87 min for the three stages on the shared, busy machine (39 min of it the base evaluation).
 """
 import copy
 import hashlib
