@@ -48,6 +48,7 @@ and CoT 50 / 50 / 0 (the 135M model picks the same choice for both targets), sel
 Measured, with per-KDMA and per-step tables: README.md.
 """
 import json
+import math
 import random
 import re
 import sys
@@ -136,8 +137,8 @@ class DataError(ValueError):
     """A malformed item: the message names the file, the item index and the field."""
 
 
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _number(v):  # JSON numbers only: no booleans, and no NaN / Infinity (Python's json reads them)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_mta(path):
@@ -202,7 +203,7 @@ def extract_json(text):
     for m in list(re.finditer(r"\{", text or ""))[:50]:
         try:
             obj, _ = decoder.raw_decode(text[m.start():])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nesting deeper than Python's stack
             continue
         if isinstance(obj, dict):
             return obj

@@ -70,6 +70,7 @@ def test_extract_json_from_prose_and_fences():
     assert extract_json('Sure! ```json\n{"weights": [0.5, 1]}\n``` done') == {"weights": [0.5, 1]}
     assert extract_json('{bad} then {"a": {"b": 2}} tail }') == {"a": {"b": 2}}
     assert extract_json("no json [1, 2]") is None and extract_json("") is None and extract_json(None) is None
+    assert extract_json('{"a": ' * 5000 + "1" + "}" * 5000) is None  # deeper than Python's stack: no object, no crash
 
 
 def test_validate_schema_errors():
@@ -85,6 +86,9 @@ def test_validate_schema_errors():
     assert validate({"scores": [[0, 0.5, 1], [1, 1, 0]]}, scores) is None
     assert "expected number" in validate({"scores": [[0, "0.5", 1], [1, 1, 0]]}, scores)
     assert "expected number" in validate({"scores": [[0, True, 1], [1, 1, 0]]}, scores)  # bool is not a number
+    # Python's json reads NaN and Infinity: neither may reach the utility (NaN compares false with both bounds)
+    assert "expected number" in validate(extract_json('{"scores": [[0, NaN, 1], [1, 1, 0]]}'), scores)
+    assert "expected number" in validate(extract_json('{"scores": [[0, 1, 1], [1, -Infinity, 0]]}'), scores)
     assert "2 items" in validate({"scores": [[0, 0.5], [1, 1, 0]]}, scores)
     dec = step_schema("decision", item(), st)
     assert validate({"choice": "B", "explanation": "because"}, dec) is None

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from algos import decisionflow, iteralign, otc_ppo, rmr1_distill_rl, sft
 from algos import grpo_toolrl as toolrl
-from algos import sft
 
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))  # its caches go to a temporary folder, not the repo
 N_EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "10000"))
@@ -29,7 +29,9 @@ TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<response>", "</r
         "(tool: Code)", "Code:", "Search:", "(general reasoning)", "### Final Response"]
 JSON_BITS = ['{"name": "f", "parameters": {"x": 1}}', '{"name": "f", "arguments": {}}', '{"name": 3}',
              '{"name": "f", "parameters": []}', '{"name": "f"', "[" * 50, "{" * 30, '"parameters": {', "null",
-             '{"name": "get_weather", "parameters": {"city": "Paris", "unit": ["c"]}}', "1e999", "NaN", "}"]
+             '{"name": "get_weather", "parameters": {"city": "Paris", "unit": ["c"]}}', "1e999", "NaN", "}",
+             "[" * 5000, '{"a": ' * 3000, '{"weights": [', '{"scores": [[', "0.5", ", ", "]}", "Infinity", "-0.2",
+             '{"choice": "A", "explanation": "it saves more"}', "Positive", "negative", "The assistant should "]
 GROUND_TRUTHS = [
     '<think>needs f</think>\n<tool_call>\n{"name": "f", "parameters": {"x": 1}}\n</tool_call>',
     '<think>two calls</think>\n<tool_call>\n{"name": "f", "parameters": {"x": 1}}\n'
@@ -43,6 +45,11 @@ VALID = GROUND_TRUTHS + [
     "<think>look it up</think>\n<search> capital of France </search>",
     "<type>Chat</type>\n<rubric>helpful 1.0<justify>it asks for help</justify></rubric>\n<eval>A helps</eval>\n"
     "<answer>[[A]]</answer>",
+    '{"weights": [0.9, 0.1, 0.5]}',
+    '{"scores": [[0.2, 1.0], [0.7, 0.0]]}',
+    "Negative. The answer explains how to do harm.",
+    "1. The assistant should refuse to help with weapons.\n2. The assistant should point to help lines.",
+    "Answer: B",
 ]
 fragment = st.one_of(st.sampled_from(TAGS), st.sampled_from(JSON_BITS), st.sampled_from(["\n", " ", "\n\n"]),
                      st.text(max_size=12))
@@ -123,3 +130,48 @@ def test_the_generator_reaches_parseable_and_rewarded_completions():
     assert toolrl.parse_tool_calls(call)[0]["name"] in ("f", "get_weather")
     formatted = find(near_miss, lambda t: toolrl.format_reward(t, GROUND_TRUTHS[2]) == 1.0, settings=search)
     assert formatted.strip().startswith("<think>") and formatted.strip().endswith("</response>")
+
+
+@PROPERTY
+@given(completion, st.sampled_from(["A", "B"]))
+def test_rmr1_verdict_reward_and_parsers(text, label):
+    assert rmr1_distill_rl.verdict_reward(text, label) in (-1.0, 1.0)
+    assert rmr1_distill_rl.parse_verdict(text) in (None, "A", "B")
+    assert isinstance(rmr1_distill_rl.well_formed(text), bool)
+    assert rmr1_distill_rl.task_type(text) in (None, "Reasoning", "Chat")
+
+
+@PROPERTY
+@given(completion, st.integers(0, 8), st.one_of(st.none(), st.integers(0, 8)), st.integers(1, 5))
+def test_otc_parsers_and_rewards(text, m, n, c):
+    kind, payload = otc_ppo.parse_action(text)
+    assert kind in ("search", "answer", "invalid") and isinstance(payload, str)
+    assert otc_ppo.em_reward(payload if kind == "answer" else None, ["Paris", "the Paris"]) in (0.0, 1.0)
+    assert finite_in(otc_ppo.otc_ppo_tool_reward(m, c), 0.0, 1.0)
+    assert finite_in(otc_ppo.otc_grpo_tool_reward(m, n, c), 0.0, 1.0)
+
+
+@PROPERTY
+@given(completion)
+def test_iteralign_parsers(text):
+    assert iteralign.parse_verdict(text) in (None, "positive", "negative")
+    assert iteralign.rule_verdict(text) in ("positive", "negative")
+    assert all(line.lower().startswith("the assistant") for line in iteralign.parse_constitutions(text))
+
+
+@PROPERTY
+@given(completion)
+def test_decisionflow_json_schema_and_answer(text):
+    """A reply that passes the weights/scores schemas holds only finite numbers in [0, 1], so the utility in code is
+    finite and the decision is made; anything else is a reason string (retry, then fallback)."""
+    obj = decisionflow.extract_json(text)
+    assert obj is None or isinstance(obj, dict)
+    schemas = {"weights": decisionflow._obj(weights=decisionflow._arr(decisionflow.UNIT, 3)),
+               "scores": decisionflow._obj(scores=decisionflow._arr(decisionflow._arr(decisionflow.UNIT, 2), 2))}
+    for key, schema in schemas.items():
+        error = decisionflow.validate(obj, schema) if obj is not None else "no JSON"
+        assert error is None or isinstance(error, str)
+        if error is None:
+            values = obj[key] if key == "weights" else [v for row in obj[key] for v in row]
+            assert all(finite_in(float(v), 0.0, 1.0) for v in values)
+    assert decisionflow.parse_answer(text, 2) in (None, 0, 1)
