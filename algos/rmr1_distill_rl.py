@@ -26,6 +26,8 @@ Differences from the paper and the released code:
 5. KL: k3 to a frozen reference in the loss at 0.001 (the paper's setting); loss reduction and advantage options are
    those of algos/grpo_toolrl.py. The reward reads the decoded completion with its end-of-turn text, as the released
    code does (its window of 80 characters then holds ~70 of real text).
+6. A prompt runs once for its G samples, in sampling and training (algos/model.py; exact), so minibatches hold whole
+   groups (verl shuffles rows) and micro-batches are sized in tokens. `--shared-prefix false`: every row on its own.
 
 Usage:
     python data/make_rmr1_cor.py                     # pairs and CoR traces (seconds; run.sh does it)
@@ -80,7 +82,9 @@ class Args:
     lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 7B-32B models)")
     num_minibatches: int = arg(2, "optimizer steps per rollout batch")
     ppo_epochs: int = arg(1, "passes over the rollout batch (paper: 1)")
-    micro_batch_size: int = arg(4, "sequences per forward/backward (gradient accumulation inside a minibatch)")
+    micro_batch_tokens: int = arg(0, "tokens per forward/backward, a shared prompt once; 0 = auto: 2048 CPU, 16384 GPU")
+    shared_prefix: bool = arg(True, "a prompt runs once for its G samples (exact); false: every sequence on its own")
+    checkpointing: bool = arg(False, "activation checkpointing per decoder layer (less memory, a second forward)")
     clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)")
     clip_high: float = arg(0.2, "PPO clip epsilon above 1 (paper: 0.2)")
     beta: float = arg(0.001, "k3 KL coefficient to a frozen reference, in the loss (paper: 0.001)")
@@ -110,7 +114,8 @@ def resolve_defaults(args):
     for name, cpu_value, gpu_value in [("total_steps", 2, 200), ("prompts_per_step", 2, 32), ("group_size", 4, 7),
                                        ("max_new_tokens", 160, 1024), ("max_prompt_tokens", 640, 4096),
                                        ("eval_per_category", 4, -1), ("hhh_per_category", 3, -1),
-                                       ("eval_max_new_tokens", 150, 1024), ("eval_max_prompt_tokens", 640, 4096)]:
+                                       ("eval_max_new_tokens", 150, 1024), ("eval_max_prompt_tokens", 640, 4096),
+                                       ("micro_batch_tokens", 2048, 16384)]:
         if getattr(args, name) == 0:
             setattr(args, name, gpu_value if gpu else cpu_value)
     args.total_steps = 0 if args.eval_only else args.total_steps
@@ -271,50 +276,67 @@ def evaluate(model, tokenizer, pairs, args, path, prefix):
 # ---------------------------------------------------------------- GRPO update (as algos/grpo_toolrl.py)
 def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
     """Scale of a micro-batch loss so that the accumulated gradient equals the minibatch reduction."""
-    if loss_type == "bnpo":
-        return tokens / max(mini_tokens, 1.0)
-    return 1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
+    return tokens / max(mini_tokens, 1.0) if loss_type == "bnpo" else \
+        1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
 
 
+def micro_batches(data, rows, args):
+    """Consecutive runs of `rows` with at most args.micro_batch_tokens tokens each (at least one row); with shared
+    prompts a row that follows one of its group costs only its tokens after the prompt."""
+    lengths, prompt = data["attention_mask"].sum(1).tolist(), (data["loss_mask"].cumsum(1) == 0).sum(1).tolist()
+    out, used = [], 0
+    for r in map(int, rows):
+        same = args.shared_prefix and out and out[-1][-1] // args.group_size == r // args.group_size
+        cost = lengths[r] - (prompt[r] if same else 0)
+        if not out or used + cost > args.micro_batch_tokens:
+            out, used, cost = out + [[]], 0, lengths[r]
+        out[-1], used = out[-1] + [r], used + cost
+    return out
+
+
+def _logprobs(model, data, mb, args):
+    """(b, width) log-probs of rows mb, right padding trimmed; their shared prompt runs once (args.shared_prefix)."""
+    width = int(data["attention_mask"][mb].sum(1).max())
+    return sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
+                             args.temperature, share_prefix=args.shared_prefix, checkpointing=args.checkpointing)
+
+
+@torch.no_grad()
 def _logprobs_in_chunks(model, data, args):
-    ids, attn, n = data["input_ids"], data["attention_mask"], args.micro_batch_size
-    return torch.cat([sequence_logprobs(model, ids[s:s + n], attn[s:s + n], args.temperature)
-                      for s in range(0, len(ids), n)])
+    out = torch.zeros_like(data["loss_mask"])  # (N, T)
+    for mb in micro_batches(data, range(len(out)), args):
+        out[mb, :int(data["attention_mask"][mb].sum(1).max())] = _logprobs(model, data, mb, args)
+    return out
 
 
 def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
     """Steps 4-5 of a GRPO iteration on one rollout batch (collated (N, T) tensors, advantages (N,)): old_logp and
-    ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches.
-    Without a KL term (beta = 0) a sequence with advantage 0 has exactly zero gradient, so it is skipped (the
-    micro-batch weights still count it, so the update is the same; the metrics cover the sequences that were run).
-    Returns token-weighted means of policy_loss, clipfrac, approx_kl, kl, ratio_mean and the mean grad_norm."""
+    ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over token-sized micro-batches.
+    Without a KL term (beta = 0) a sequence with advantage 0 has exactly zero gradient: it is skipped (the weights
+    still count it: the same update). Returns token-weighted means of the loss metrics and the mean grad_norm."""
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
     assert loss_mask.sum() > 0, "empty loss_mask"
-    N = len(loss_mask)
     active = (advantages != 0) | (args.beta > 0)  # (N,)
-    with torch.no_grad():
-        old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
-        ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
-    stats, mini = {}, N // args.num_minibatches
+    old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
+    ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
+    stats, unit = {}, args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
     for epoch in range(args.ppo_epochs):
-        perm = torch.randperm(N)
-        for m in range(args.num_minibatches):
-            idx = perm[m * mini:(m + 1) * mini]
+        perm, per = torch.randperm(len(loss_mask) // unit), len(loss_mask) // unit // args.num_minibatches
+        assert per > 0, f"{len(perm)} groups (or rows) cannot fill {args.num_minibatches} minibatches"
+        for m, idx in enumerate((perm[m * per:(m + 1) * per, None] * unit + torch.arange(unit)).flatten()
+                                for m in range(args.num_minibatches)):
             mini_tokens = float(loss_mask[idx].sum())
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
-            run = idx[active[idx].cpu()]
-            for s in range(0, len(run), args.micro_batch_size):
-                mb = run[s:s + args.micro_batch_size]
-                width = int(data["attention_mask"][mb].sum(1).max())  # trim right padding
-                logp = sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
-                                         args.temperature)  # (b, T)
+            for k, mb in enumerate(micro_batches(data, idx[active[idx].cpu()], args)):
+                logp = _logprobs(model, data, mb, args)  # (b, width)
+                width = logp.shape[1]
                 loss, metrics = policy_loss(
                     logp, old_logp[mb, :width], advantages[mb], loss_mask[mb, :width], args.clip_low, args.clip_high,
                     None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
                 n_tok = float(loss_mask[mb].sum())
                 (loss * micro_weight(args.loss_type, len(mb), len(idx), n_tok, mini_tokens)).backward()
-                if epoch == 0 and m == 0 and s == 0:  # nothing updated yet: the policy is still the sampler
+                if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
                     ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
                     assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
                         f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
@@ -378,7 +400,7 @@ def main(args):
         t_gen = time.time()
         rollouts = start_rollouts(tokenizer, [pair_messages(p, y) for p, y in zip(batch, labels)], n=G)
         raw = generate(model, tokenizer, rollouts, args.max_new_tokens, args.temperature,
-                       batch_size=args.gen_batch_size)
+                       batch_size=args.gen_batch_size, share_prefix=args.shared_prefix)
         t_gen = time.time() - t_gen
 
         # 2. rewards: +1 / -1 from the last `window` characters of the decoded completion (EOS text kept, as released)

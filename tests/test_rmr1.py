@@ -192,7 +192,7 @@ def test_learning_reward_rises_tiny():
     ref = load_model("tiny", device="cpu")[0].requires_grad_(False)
     u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     good = model.get_input_embeddings().weight.detach() @ u > 0  # (V,)
-    args = Args(lr=3e-2, num_minibatches=2, micro_batch_size=16, max_new_tokens=8, beta=0.001)
+    args = Args(lr=3e-2, num_minibatches=2, group_size=8, micro_batch_tokens=4096, max_new_tokens=8, beta=0.001)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     curve = []
     for _ in range(12):
