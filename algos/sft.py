@@ -29,9 +29,14 @@ unseen questions goes from the base model's "never call a tool" to mostly right;
 """
 import json
 import math
+import os
 import random
 import re
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +158,98 @@ def select_rows(rows, how, size, seed):
     if how == "random":  # the paper's baseline: a random subset of the same size
         return random.Random(seed).sample(rows, size or len(picked))
     raise ValueError(f"--select must be all, dominating_set or random, not {how!r}")
+
+
+# ---------------------------------------------------------------- the Code tool: a process-level sandbox
+_PRELUDE = r"""
+import os, resource, sys
+cpu, mem, fsize, nproc, drop = map(int, sys.argv[1:6])
+for kind, n in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
+                (resource.RLIMIT_FSIZE, (fsize, fsize)), (resource.RLIMIT_NPROC, (nproc, nproc))):
+    resource.setrlimit(kind, n)
+import math, cmath, decimal, fractions, statistics, itertools, functools, collections, re, json, random, datetime
+if drop:  # root ignores RLIMIT_NPROC and file permissions: become nobody (after the imports: ~root may be 0700)
+    os.setgroups([]), os.setgid(drop), os.setuid(drop)
+home, WRITE = os.path.realpath("."), os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+PATHS = {"os.remove", "os.rename", "os.mkdir", "os.rmdir", "os.chmod", "os.chown", "os.link", "os.symlink",
+         "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"}
+def inside(p):
+    p = os.path.realpath(os.fsdecode(p))
+    return p == home or p.startswith(home + os.sep)
+def hook(event, args):
+    path = args[0] if args and isinstance(args[0], (str, bytes, os.PathLike)) else None
+    if path is None or event not in PATHS | {"open"}:
+        return
+    if os.path.realpath(os.fsdecode(path)).startswith("/proc"):
+        raise PermissionError(f"sandbox: no access to /proc ({os.fsdecode(path)})")
+    if (event != "open" or (args[2] or 0) & WRITE or any(c in (args[1] or "") for c in "wax+")) and not inside(path):
+        raise PermissionError(f"sandbox: no writes outside the working directory ({os.fsdecode(path)})")
+sys.addaudithook(hook)
+sys.argv = ["main.py"]
+exec(compile(open("main.py", encoding="utf-8").read(), "main.py", "exec"), {"__name__": "__main__"})
+"""
+
+
+def run_python(code: str, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: int = 512, max_output: int = 4000,
+               max_procs: int = 16) -> tuple:
+    """SMART's Code tool: run model-written Python, return (ok, text): its stdout, or a short error ("timeout after
+    5 s", "cpu time limit", "memory limit", "output limit", the last line of a traceback). Never raises.
+
+    A separate process (`sys.executable -I`: no user site, no PYTHON* variables) in a new session, killed as a whole
+    process group after `timeout_s` of wall time; limits on CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS),
+    output file size (stdout/stderr go to files in its folder, RLIMIT_FSIZE) and processes (RLIMIT_NPROC); an empty
+    temporary working folder, removed afterwards; an environment with PATH and a locale only. Run as root, the child
+    becomes `nobody` (65534) before the code starts (after importing math, decimal, fractions, statistics, re, json
+    and a few more: an interpreter under a private home folder is unreadable to nobody), so the process limit and file permissions bite and other
+    processes' /proc/<pid>/environ is unreadable; an audit hook (sys.addaudithook) refuses writes outside its folder
+    and opens under /proc. This is a process-level sandbox against accidents and a small model's mistakes, NOT a
+    security boundary against a determined attacker (ctypes, a forked child that calls setsid, a kernel bug): for
+    that run it inside a container, gVisor or nsjail."""
+    folder, fsize = None, max(65536, 16 * max_output)
+    try:
+        folder = tempfile.mkdtemp(prefix="sandbox-")
+        Path(folder, "main.py").write_text(str(code), encoding="utf-8", errors="replace")
+        drop = 65534 if hasattr(os, "geteuid") and os.geteuid() == 0 else 0
+        if drop:
+            os.chown(folder, drop, drop), os.chown(Path(folder, "main.py"), drop, drop)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": folder}
+        limits = [str(int(x)) for x in (cpu_s, memory_mb * 2 ** 20, fsize, max_procs, drop)]
+        with open(Path(folder, ".stdout"), "w+b") as out, open(Path(folder, ".stderr"), "w+b") as err:
+            proc = subprocess.Popen([sys.executable, "-I", "-c", _PRELUDE, *limits], cwd=folder, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+            try:
+                proc.wait(timeout=timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            for _ in range(3):  # the whole group, forked children too; again, for those forked during a kill
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    break
+                time.sleep(0.01)
+            proc.wait()
+            size = out.seek(0, 2)
+            out.seek(0), err.seek(0)
+            text = out.read(max_output + 1).decode("utf-8", "replace")
+            tail = err.read()[-4096:].decode("utf-8", "replace")
+        lines = [line for line in tail.splitlines() if line.strip()]
+        if timed_out:
+            return False, f"timeout after {timeout_s:g} s"
+        if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+            return False, f"cpu time limit ({cpu_s} s)"
+        if "MemoryError" in tail:
+            return False, f"memory limit ({memory_mb} MB)"
+        if size >= fsize or "File too large" in tail or proc.returncode == -signal.SIGXFSZ:
+            return False, f"output limit ({fsize} bytes)"
+        if proc.returncode != 0:
+            return False, (lines[-1] if lines else f"exit code {proc.returncode}")[:300]
+        return True, text if len(text) <= max_output else text[:max_output] + f"... [{size - max_output} more bytes]"
+    except Exception as e:  # the caller (an evaluation loop) keeps running whatever the code string was
+        return False, f"sandbox error: {type(e).__name__}: {e}"[:300]
+    finally:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- objective and evaluation
