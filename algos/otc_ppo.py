@@ -57,68 +57,99 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from algos.model import (RunLogger, arg, collate, generate, load_model, parse_args, render_chat,  # noqa: E402
-                         save_checkpoint, start_rollouts, append_tokens)
+from algos.model import (FiniteGuard, RunLogger, all_reduce, append_tokens, arg, collate, data_parallel,  # noqa: E402
+                         distributed, generate, load_model, model_error, parse_args, render_chat, sequence_logprobs,
+                         save_checkpoint, start_rollouts, sync_gradients)
 from kernels.advantage import group_advantages, policy_loss  # noqa: E402
 from kernels.logprob import linear_token_logprobs, token_logprobs  # noqa: E402
+
+
+def positive(value):
+    """For `check=`: None when value > 0, else the error."""
+    return None if value > 0 else "must be > 0"
+
+
+def file_error(path):
+    return None if Path(path).is_file() else f"no such file: {path}"
 
 
 @dataclass
 class Args:
     exp_name: str = arg("otc_ppo", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
-    seed: int = arg(1, "seed for python, numpy and torch")
-    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. an SFT checkpoint)")
+    seed: int = arg(1, "seed for python, numpy and torch (sampling: seed + rank); the data order: seed")
+    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. an SFT checkpoint)",
+                     check=model_error)
     runs_dir: str = arg("runs", "where run folders go")
-    train_file: str = arg("data/otc_train.jsonl", "QA rows for RL (data/make_otc_qa.py)")
-    test_file: str = arg("data/otc_test.jsonl", "held-out QA rows for EM / TC / TP")
-    corpus_file: str = arg("data/otc_corpus.jsonl", "passages for the local BM25 index")
-    retriever: str = arg("bm25", "bm25 (local index of corpus_file) | http://host:port of a Search-R1 server")
-    retrieval_timeout: float = arg(10.0, "seconds to wait for the retrieval server")
-    topk: int = arg(3, "passages per search (paper: 3)")
-    estimator: str = arg("ppo", "ppo (value head + GAE, Search-R1 PPO) | grpo (group-normalised outcome reward)")
-    reward: str = arg("otc", "em (Search-R1: exact match only) | otc (EM x OTC tool reward)")
-    max_calls: int = arg(4, "c: most searches per rollout, then one last turn without search (paper: 4)")
-    total_steps: int = arg(8, "RL steps (rollout + update)")
-    prompts_per_step: int = arg(0, "questions per step; 0 = auto: 8 / group_size (8 rollouts per step)")
-    group_size: int = arg(0, "rollouts per question; 0 = auto: 1 for ppo, 4 for grpo (paper's GRPO: 5)")
-    max_turn_tokens: int = arg(40, "sampled tokens per assistant turn")
-    temperature: float = arg(1.0, "sampling temperature")
-    lr: float = arg(5e-5, "policy Adam lr (paper: 1e-6 for 7B and ~1000 steps)")
-    critic_lr: float = arg(1e-3, "value head lr (paper's critic: 1e-5, a whole LLM)")
+    resume: str = arg("", "RUN_DIR: continue that run from its checkpoint/ (the KL reference: --model again)",
+                      check=lambda d: None if not d or (Path(d) / "checkpoint" / "trainer_state.pt").is_file()
+                      else f"no checkpoint/trainer_state.pt in {d}")
+    save_every: int = arg(0, "write the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
+    max_bad_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss or gradient", low=1)
+    train_file: str = arg("data/otc_train.jsonl", "QA rows for RL (data/make_otc_qa.py)", check=file_error)
+    test_file: str = arg("data/otc_test.jsonl", "held-out QA rows for EM / TC / TP", check=file_error)
+    corpus_file: str = arg("data/otc_corpus.jsonl", "passages for the local BM25 index", check=file_error)
+    retriever: str = arg("bm25", "bm25 (local index of corpus_file) | http://host:port of a Search-R1 server",
+                         check=lambda v: None if v == "bm25" or v.startswith(("http://", "https://")) else
+                         "bm25 or an http:// address")
+    retrieval_timeout: float = arg(10.0, "seconds to wait for the retrieval server", check=positive)
+    topk: int = arg(3, "passages per search (paper: 3)", low=1)
+    estimator: str = arg("ppo", "ppo (value head + GAE, Search-R1 PPO) | grpo (group-normalised outcome reward)",
+                         choices=["ppo", "grpo"])
+    reward: str = arg("otc", "em (Search-R1: exact match only) | otc (EM x OTC tool reward)", choices=["em", "otc"])
+    max_calls: int = arg(4, "c: most searches per rollout, then one last turn without search (paper: 4)", low=0)
+    total_steps: int = arg(8, "RL steps (rollout + update)", low=0)
+    prompts_per_step: int = arg(0, "questions per step; 0 = auto: 8 / group_size (8 rollouts per step)", low=0)
+    group_size: int = arg(0, "rollouts per question; 0 = auto: 1 for ppo, 4 for grpo (paper's GRPO: 5)", low=0)
+    max_turn_tokens: int = arg(40, "sampled tokens per assistant turn", low=1)
+    temperature: float = arg(1.0, "sampling temperature", check=positive)
+    lr: float = arg(5e-5, "policy Adam lr (paper: 1e-6 for 7B and ~1000 steps)", check=positive)
+    critic_lr: float = arg(1e-3, "value head lr (paper's critic: 1e-5, a whole LLM)", check=positive)
     value_grad_to_trunk: bool = arg(False, "let the value loss train the shared trunk (docstring, difference 1)")
-    vf_coef: float = arg(0.5, "value loss weight")
-    clip_value: float = arg(0.2, "value clip range around the rollout-time value (PPO's clipped value loss)")
-    gamma: float = arg(1.0, "GAE discount (Search-R1: 1)")
-    lam: float = arg(1.0, "GAE lambda (Search-R1: 1)")
+    vf_coef: float = arg(0.5, "value loss weight", low=0)
+    clip_value: float = arg(0.2, "value clip range around the rollout-time value (PPO's clipped value loss)",
+                            check=positive)
+    gamma: float = arg(1.0, "GAE discount (Search-R1: 1)", low=0, high=1)
+    lam: float = arg(1.0, "GAE lambda (Search-R1: 1)", low=0, high=1)
     whiten: bool = arg(True, "whiten PPO advantages over sampled tokens of the batch (Search-R1/verl)")
-    beta: float = arg(0.001, "KL coefficient to the frozen start (paper: 0.001); 0 skips the reference model")
-    kl_mode: str = arg("auto", "reward (k1 in the PPO reward) | loss (k3) | auto: ppo reward, grpo loss (Search-R1)")
-    ent_coef: float = arg(0.0, "entropy bonus (needs full logits; Search-R1: 0.001)")
-    num_minibatches: int = arg(2, "optimizer steps per rollout batch")
-    ppo_epochs: int = arg(1, "passes over the rollout batch")
-    micro_batch_size: int = arg(2, "sequences per forward/backward (4 needed ~10 GB at 5 turns; OOM-killed here)")
-    clip_low: float = arg(0.2, "PPO clip epsilon below 1")
-    clip_high: float = arg(0.2, "PPO clip epsilon above 1")
-    loss_type: str = arg("dapo", "reduction: dapo (token mean over the minibatch, verl) | bnpo | grpo | dr_grpo")
-    adv_scale: str = arg("group", "GRPO advantage scaling: group | batch | none (Dr. GRPO)")
-    adv_eps: float = arg(1e-6, "GRPO advantage epsilon (verl: 1e-6)")
-    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (no-grad pass)")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
+    beta: float = arg(0.001, "KL coefficient to the frozen start (paper: 0.001); 0 skips the reference model", low=0)
+    kl_mode: str = arg("auto", "reward (k1 in the PPO reward) | loss (k3) | auto: ppo reward, grpo loss (Search-R1)",
+                       choices=["auto", "reward", "loss"])
+    ent_coef: float = arg(0.0, "entropy bonus (needs full logits; Search-R1: 0.001)", low=0)
+    num_minibatches: int = arg(2, "optimizer steps per rollout batch", low=1)
+    ppo_epochs: int = arg(1, "passes over the rollout batch", low=1)
+    micro_batch_tokens: int = arg(0, "tokens per forward/backward, a shared prompt once; 0 = auto: 1024 CPU, 16384 GPU",
+                                  low=0)
+    shared_prefix: bool = arg(True, "GRPO: a question's prompt runs once for its G rollouts (exact); PPO never shares")
+    clip_low: float = arg(0.2, "PPO clip epsilon below 1", low=0, high=1)
+    clip_high: float = arg(0.2, "PPO clip epsilon above 1", low=0)
+    loss_type: str = arg("dapo", "reduction: dapo (token mean over the minibatch, verl) | bnpo | grpo | dr_grpo",
+                         choices=["dapo", "bnpo", "grpo", "dr_grpo"])
+    adv_scale: str = arg("group", "GRPO advantage scaling: group | batch | none (Dr. GRPO)",
+                         choices=["group", "batch", "none"])
+    adv_eps: float = arg(1e-6, "GRPO advantage epsilon (verl: 1e-6)", low=0)
+    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (no-grad pass)",
+                        choices=["sampler", "recompute"])
+    max_grad_norm: float = arg(1.0, "gradient clipping", check=positive)
     eval_before: bool = arg(True, "score the test set before training too")
-    eval_items: int = arg(0, "test rows scored (0 = all)")
-    gen_batch_size: int = arg(32, "sequences per generation batch")
+    eval_items: int = arg(0, "test rows scored (0 = all)", low=0)
+    gen_batch_size: int = arg(32, "sequences per generation batch", low=1)
     save_model: bool = arg(True, "save the trained model and value head to <run>/checkpoint")
 
-
-def resolve_defaults(args):
-    """Fill auto fields; check the choices before any model is loaded."""
-    assert args.estimator in ("ppo", "grpo") and args.reward in ("em", "otc"), "--estimator ppo|grpo, --reward em|otc"
-    args.group_size = args.group_size or (1 if args.estimator == "ppo" else 4)
-    args.prompts_per_step = args.prompts_per_step or max(8 // args.group_size, 1)
-    args.kl_mode = {"auto": "reward" if args.estimator == "ppo" else "loss"}.get(args.kl_mode, args.kl_mode)
-    assert args.kl_mode in ("reward", "loss"), "--kl-mode reward|loss|auto"
-    assert (args.prompts_per_step * args.group_size) % args.num_minibatches == 0, "minibatches must split the batch"
-    return args
+    def __post_init__(self):
+        """Fill the auto fields, then the rules joining fields (parse_args makes a ValueError a usage error)."""
+        self.group_size = self.group_size or (1 if self.estimator == "ppo" else 4)
+        self.prompts_per_step = self.prompts_per_step or max(8 // self.group_size, 1)
+        self.kl_mode = {"auto": "reward" if self.estimator == "ppo" else "loss"}.get(self.kl_mode, self.kl_mode)
+        self.micro_batch_tokens = self.micro_batch_tokens or (16384 if torch.cuda.is_available() else 1024)
+        self.shared_prefix = self.shared_prefix and self.estimator == "grpo"  # the value head needs each row's states
+        if self.estimator == "grpo" and self.group_size < 2:
+            raise ValueError(f"--group-size {self.group_size}: GRPO needs >= 2 rollouts per question")
+        if self.estimator == "grpo" and self.kl_mode == "reward":
+            raise ValueError("--kl-mode reward needs --estimator ppo (GRPO's reward is one number per rollout)")
+        units = self.prompts_per_step * (1 if self.shared_prefix else self.group_size)  # groups or rows per step
+        if units % self.num_minibatches:
+            raise ValueError(f"--num-minibatches {self.num_minibatches} must divide the step's {units} "
+                             f"{'groups' if self.shared_prefix else 'rollouts'}")
 
 
 # ---------------------------------------------------------------- prompt and actions
@@ -415,49 +446,78 @@ def evaluate(model, tokenizer, rows, retriever, args, path):
     return summarize(episodes, rows, em)
 
 
-def _forward_in_chunks(model, value_head, data, args):
-    ids, attn, n, outs = data["input_ids"], data["attention_mask"], args.micro_batch_size, []
-    for s in range(0, len(ids), n):
-        outs.append(forward(model, value_head, ids[s:s + n], attn[s:s + n], args.temperature)[:2])
-    return torch.cat([o[0] for o in outs]), (None if value_head is None else torch.cat([o[1] for o in outs]))
-
-
 def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
     """Scale of a micro-batch loss so that the accumulated gradient equals the minibatch reduction."""
-    if loss_type == "bnpo":
-        return tokens / max(mini_tokens, 1.0)
-    return 1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
+    return tokens / max(mini_tokens, 1.0) if loss_type == "bnpo" else \
+        1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
+
+
+def micro_batches(data, rows, args):
+    """Consecutive runs of `rows` with at most args.micro_batch_tokens tokens each (at least one row); with shared
+    prompts a row that follows one of its group costs only its tokens after the prompt."""
+    lengths, prompt = data["attention_mask"].sum(1).tolist(), (data["loss_mask"].cumsum(1) == 0).sum(1).tolist()
+    out, used = [], 0
+    for r in map(int, rows):
+        same = args.shared_prefix and out and out[-1][-1] // args.group_size == r // args.group_size
+        cost = lengths[r] - (prompt[r] if same else 0)
+        if not out or used + cost > args.micro_batch_tokens:
+            out, used, cost = out + [[]], 0, lengths[r]
+        out[-1], used = out[-1] + [r], used + cost
+    return out
+
+
+def _logprobs(model, value_head, data, mb, args, entropy=False):
+    """(logp, values, entropy) of rows mb, each (b, width), right padding trimmed; values None without a head, entropy
+    None unless asked. GRPO: a group's prompt runs once (args.shared_prefix); the value head needs every row's states."""
+    width = int(data["attention_mask"][mb].sum(1).max())
+    ids, attn = data["input_ids"][mb, :width], data["attention_mask"][mb, :width]
+    if value_head is not None:
+        return forward(model, value_head, ids, attn, args.temperature, entropy, not args.value_grad_to_trunk)
+    out = sequence_logprobs(model, ids, attn, args.temperature, entropy, share_prefix=args.shared_prefix)
+    return (out[0], None, out[1]) if entropy else (out, None, None)
+
+
+@torch.no_grad()
+def _logprobs_in_chunks(model, value_head, data, args):
+    """(log-probs, values or None), each (N, T), in token-sized micro-batches."""
+    logp, values = torch.zeros_like(data["loss_mask"]), torch.zeros_like(data["loss_mask"])  # (N, T)
+    for mb in micro_batches(data, range(len(logp)), args):
+        lp, v, _ = _logprobs(model, value_head, data, mb, args)
+        logp[mb, :lp.shape[1]] = lp
+        if v is not None:
+            values[mb, :v.shape[1]] = v
+    return logp, (None if value_head is None else values)
 
 
 def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, ref_logp=None, old_values=None,
                returns=None):
-    """ppo_epochs x num_minibatches optimizer steps on one rollout batch, each accumulated over micro-batches.
-    advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO, then old_values and returns (N, T) train the
-    value head). ref_logp enters the loss as k3 only with kl_mode=loss. Returns token-weighted mean metrics."""
+    """ppo_epochs x num_minibatches optimizer steps on one rollout batch, each accumulated over token-sized
+    micro-batches. advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO, then old_values and returns (N, T)
+    train the value head). ref_logp enters the loss as k3 only with kl_mode=loss. A GRPO row with advantage 0 and no
+    KL or entropy term has exactly zero gradient: it is skipped (the weights still count it). Returns token-weighted
+    mean metrics and the mean grad_norm."""
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens only; prompt, tool turns and padding 0
     assert loss_mask.sum() > 0, "empty loss_mask"
-    N, ppo = len(loss_mask), returns is not None
-    kl_ref = ref_logp if args.kl_mode == "loss" else None
-    stats, mini = {}, N // args.num_minibatches
+    ppo, kl_ref = returns is not None, ref_logp if args.kl_mode == "loss" else None
+    skip = advantages.dim() == 1 and kl_ref is None and args.ent_coef == 0
+    active = (advantages != 0).cpu() if skip else torch.ones(len(loss_mask), dtype=torch.bool)  # (N,)
+    stats, unit = {}, args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
     for epoch in range(args.ppo_epochs):
-        perm = torch.randperm(N)
-        for m in range(args.num_minibatches):
-            idx = perm[m * mini:(m + 1) * mini]
+        perm, per = torch.randperm(len(loss_mask) // unit), len(loss_mask) // unit // args.num_minibatches
+        assert per > 0, f"{len(perm)} groups (or rows) cannot fill {args.num_minibatches} minibatches"
+        for m, idx in enumerate((perm[m * per:(m + 1) * per, None] * unit + torch.arange(unit)).flatten()
+                                for m in range(args.num_minibatches)):
             mini_tokens = float(loss_mask[idx].sum())
-            optimizer.zero_grad(set_to_none=False)
-            for s in range(0, len(idx), args.micro_batch_size):
-                mb = idx[s:s + args.micro_batch_size]
-                width = int(data["attention_mask"][mb].sum(1).max())  # trim right padding
-                mask = loss_mask[mb, :width]
-                logp, values, ent = forward(model, value_head if ppo else None, data["input_ids"][mb, :width],
-                                            data["attention_mask"][mb, :width], args.temperature,
-                                            args.ent_coef > 0, not args.value_grad_to_trunk)  # (b, T) each
+            optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
+            for k, mb in enumerate(micro_batches(data, idx[active[idx]], args)):
+                logp, values, ent = _logprobs(model, value_head if ppo else None, data, mb, args, args.ent_coef > 0)
+                width, n_tok = logp.shape[1], float(loss_mask[mb].sum())
+                mask = loss_mask[mb, :width]  # (b, width)
                 adv = advantages[mb, :width] if advantages.dim() == 2 else advantages[mb]
                 loss, metrics = policy_loss(
                     logp, old_logp[mb, :width], adv, mask, args.clip_low, args.clip_high,
                     None if kl_ref is None else kl_ref[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_turn_tokens * (args.max_calls + 1), num_active_tokens=mini_tokens)
-                n_tok = float(mask.sum())
                 total = loss * micro_weight(args.loss_type, len(mb), len(idx), n_tok, mini_tokens)
                 if ppo:  # value loss: token mean over the minibatch
                     v_loss = value_loss(values, old_values[mb, :width], returns[mb, :width], mask, args.clip_value)
@@ -468,13 +528,13 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                     total = total - args.ent_coef * ent_sum / max(mini_tokens, 1.0)
                     metrics["entropy"] = ent_sum.detach() / max(n_tok, 1.0)
                 total.backward()
-                if epoch == 0 and m == 0 and s == 0:  # nothing updated yet: the policy is still the sampler
+                if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
                     ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
                     assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
                         f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
                 assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
-                for k, v in [("policy_loss", loss.item())] + [(k, float(v)) for k, v in metrics.items()]:
-                    stats.setdefault(k if k != "kl" else "kl_loss", []).append((v, n_tok))
+                for key, v in [("policy_loss", loss.item())] + [(key, float(v)) for key, v in metrics.items()]:
+                    stats.setdefault(key if key != "kl" else "kl_loss", []).append((v, n_tok))
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             stats.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
@@ -483,7 +543,6 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
 
 
 def main(args):
-    args = resolve_defaults(args)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     device = next(model.parameters()).device
@@ -540,9 +599,9 @@ def main(args):
         with torch.no_grad():
             old_logp, old_values = data["sample_logp"], None
             if value_head is not None or args.old_logp == "recompute":
-                recomputed, old_values = _forward_in_chunks(model, value_head, data, args)
+                recomputed, old_values = _logprobs_in_chunks(model, value_head, data, args)
                 old_logp = recomputed if args.old_logp == "recompute" else old_logp
-            ref_logp = None if ref_model is None else _forward_in_chunks(ref_model, None, data, args)[0]
+            ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, None, data, args)[0]
             delta = None if ref_logp is None else (ref_logp - old_logp) * loss_mask
             kl = None if delta is None else float(((delta.exp() - delta - 1) * loss_mask).sum() / loss_mask.sum())
 

@@ -17,8 +17,7 @@ import torch
 import algos.otc_ppo as otc
 from algos.model import collate, generate, load_model, start_rollouts
 from algos.otc_ppo import (QA_FIELDS, Args, BM25Retriever, RetrievalError, SearchR1Client, em_reward, gae,
-                           load_jsonl, otc_grpo_tool_reward, otc_ppo_tool_reward, otc_rewards, ppo_update,
-                           resolve_defaults)
+                           load_jsonl, otc_grpo_tool_reward, otc_ppo_tool_reward, otc_rewards, ppo_update)
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSAGES = [{"id": "d0", "title": "Zorvia", "text": "Zorvia is a small country. Its capital is Quelmar."},
@@ -88,7 +87,7 @@ def test_otc_tool_reward_corner_values():
 
 def test_otc_rewards_product_history_and_fallback():
     rows = [{"id": "q1", "answers": ["Paris"]}, {"id": "q2", "answers": ["Hesk"]}]
-    args = resolve_defaults(Args(estimator="grpo", reward="otc", group_size=3, prompts_per_step=2, num_minibatches=1))
+    args = Args(estimator="grpo", reward="otc", group_size=3, prompts_per_step=2, num_minibatches=1)
     eps = [{"calls": 2, "answer": "Paris"}, {"calls": 1, "answer": "paris"}, {"calls": 0, "answer": "Rome"},
            {"calls": 1, "answer": "x"}, {"calls": 3, "answer": None}, {"calls": 0, "answer": "y"}]
     best = {}
@@ -102,7 +101,7 @@ def test_otc_rewards_product_history_and_fallback():
     comps = otc_rewards([{"calls": 2, "answer": "Paris"}] * 3 + [{"calls": 2, "answer": "Hesk"}] * 3, rows, args, best)
     assert best == {"q1": 1, "q2": 2}
     assert comps[0]["total"] == pytest.approx(math.sin(2 * math.pi / 3)) and comps[3]["total"] == pytest.approx(1.0)
-    em_args = resolve_defaults(Args(estimator="ppo", reward="em", prompts_per_step=6, num_minibatches=1))
+    em_args = Args(estimator="ppo", reward="em", prompts_per_step=6, num_minibatches=1)
     comps = otc_rewards(eps, rows * 3, em_args, {})
     assert comps[0]["total"] == 1.0 and comps[0]["tool"] == pytest.approx(otc_ppo_tool_reward(2, 4))
 
@@ -165,7 +164,7 @@ def test_info_mask_keeps_retrieved_tokens_out_of_every_loss():
     generate(model, tok, rollouts, 3, 1.0)
     data = collate(rollouts, tok.pad_token_id)
     mask = data["loss_mask"]
-    args = Args(num_minibatches=1, micro_batch_size=3, beta=0.1, kl_mode="loss", ent_coef=0.05, vf_coef=0.5,
+    args = Args(num_minibatches=1, micro_batch_tokens=40, beta=0.1, kl_mode="loss", ent_coef=0.05, vf_coef=0.5,
                 max_grad_norm=1e9, value_grad_to_trunk=True, loss_type="bnpo")
     g = torch.Generator().manual_seed(1)
     adv, ret, old_v = (torch.randn(mask.shape, generator=g) * mask for _ in range(3))
@@ -315,7 +314,7 @@ def test_learning_fewer_calls_tiny():
     call_tok = model.get_input_embeddings().weight.detach() @ u > 0  # (V,)
     head = torch.nn.Linear(model.config.hidden_size, 1)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    args = Args(lr=3e-2, critic_lr=1e-2, num_minibatches=2, micro_batch_size=16, beta=0.0, max_turn_tokens=8)
+    args = Args(lr=3e-2, critic_lr=1e-2, num_minibatches=2, micro_batch_tokens=4096, beta=0.0, max_turn_tokens=8)
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": args.lr},
                             {"params": head.parameters(), "lr": args.critic_lr}])
     curve = []
