@@ -41,6 +41,7 @@ both orders, 0% position consistency, on the synthetic and the HHH pairs alike; 
 Measured (README.md): 87 min for the three stages on the shared, busy machine (39 min of it the base evaluation).
 """
 import copy
+import dataclasses
 import hashlib
 import json
 import random
@@ -56,55 +57,100 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from algos.model import (RunLogger, arg, collate, generate, load_model, parse_args,  # noqa: E402
-                         save_checkpoint, sequence_logprobs, start_rollouts)
+from algos.model import (FiniteGuard, RunLogger, all_reduce, arg, collate, data_parallel,  # noqa: E402
+                         distributed, generate, load_model, model_error, parse_args, sequence_logprobs,
+                         start_rollouts, sync_gradients)
 from kernels.advantage import group_advantages, policy_loss  # noqa: E402
+
+
+def _positive(v):  # checks on Args fields (algos/model.py arg): value -> error text or None
+    return None if v > 0 else "must be > 0"
+
+
+def _file(how=""):
+    return lambda v: None if not v or Path(v).is_file() else f"no such file: {v}" + (f"; run `{how}`" if how else "")
+
+
+def _resumable(v):
+    return None if not v or (Path(v) / "checkpoint" / "trainer_state.pt").is_file() else \
+        f"no resumable checkpoint in {v} (<run>/checkpoint/trainer_state.pt; --save-every writes it)"
 
 
 @dataclass
 class Args:
     exp_name: str = arg("rmr1", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
-    seed: int = arg(1, "seed for python, numpy and torch")
-    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. the distilled checkpoint)")
-    train_file: str = arg("data/rmr1_train.jsonl", "preference pairs for RL (data/make_rmr1_cor.py)")
-    eval_file: str = arg("data/rmr1_test.jsonl", "held-out synthetic pairs ('' = skip)")
-    hhh_file: str = arg("data/generated/hhh_alignment.jsonl", "BIG-bench HHH pairs (data/make_hhh.py; '' = skip)")
-    rewardbench_file: str = arg("", "optional RewardBench-format JSONL (prompt, chosen, rejected, subset) to score")
+    seed: int = arg(1, "seed for python, numpy and torch (process r of torchrun samples with seed + r)", low=0)
+    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. the distilled checkpoint)",
+                     check=model_error)
+    train_file: str = arg("data/rmr1_train.jsonl", "preference pairs for RL (data/make_rmr1_cor.py)",
+                          check=_file("python data/make_rmr1_cor.py"))
+    eval_file: str = arg("data/rmr1_test.jsonl", "held-out synthetic pairs ('' = skip)",
+                         check=_file("python data/make_rmr1_cor.py"))
+    hhh_file: str = arg("data/generated/hhh_alignment.jsonl", "BIG-bench HHH pairs (data/make_hhh.py; '' = skip)",
+                        check=_file("python data/make_hhh.py"))
+    rewardbench_file: str = arg("", "optional RewardBench-format JSONL (prompt, chosen, rejected, subset) to score",
+                                check=_file())
     runs_dir: str = arg("runs", "where run folders go")
-    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 2 on CPU, 200 on GPU")
-    prompts_per_step: int = arg(0, "pairs per step; 0 = auto: 2 on CPU, 32 on GPU")
-    group_size: int = arg(0, "samples per prompt G; 0 = auto: 4 on CPU, 7 on GPU (paper: 7)")
-    max_new_tokens: int = arg(0, "trace length limit; 0 = auto: 160 on CPU, 1024 on GPU (paper: 8192)")
-    max_prompt_tokens: int = arg(0, "drop pairs whose prompt is longer; 0 = auto: 640 on CPU, 4096 on GPU")
-    temperature: float = arg(1.0, "sampling temperature (paper: 1.0)")
-    lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 7B-32B models)")
-    num_minibatches: int = arg(2, "optimizer steps per rollout batch")
-    ppo_epochs: int = arg(1, "passes over the rollout batch (paper: 1)")
-    micro_batch_tokens: int = arg(0, "tokens per forward/backward, a shared prompt once; 0 = auto: 2048 CPU, 16384 GPU")
+    resume: str = arg("", "RUN_DIR: continue that run from its checkpoint (model, optimizer, RNGs, data cursor); "
+                          "give the same arguments (a difference is warned about)", check=_resumable)
+    save_every: int = arg(0, "write the resumable <run>/checkpoint every N steps (0: only the final one)", low=0)
+    max_bad_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss or gradient "
+                                "(each is skipped)", low=1)
+    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 2 on CPU, 200 on GPU", low=0)
+    prompts_per_step: int = arg(0, "pairs per step (all processes); 0 = auto: 2 on CPU, 32 on GPU", low=0)
+    group_size: int = arg(0, "samples per prompt G; 0 = auto: 4 on CPU, 7 on GPU (paper: 7)",
+                          check=lambda v: None if v == 0 or v >= 2 else "must be 0 (auto) or >= 2")
+    max_new_tokens: int = arg(0, "trace length limit; 0 = auto: 160 on CPU, 1024 on GPU (paper: 8192)", low=0)
+    max_prompt_tokens: int = arg(0, "drop pairs whose prompt is longer; 0 = auto: 640 on CPU, 4096 on GPU", low=0)
+    temperature: float = arg(1.0, "sampling temperature (paper: 1.0)", check=_positive)
+    lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 7B-32B models)", check=_positive)
+    num_minibatches: int = arg(2, "optimizer steps per rollout batch", low=1)
+    ppo_epochs: int = arg(1, "passes over the rollout batch (paper: 1)", low=1)
+    micro_batch_tokens: int = arg(0, "tokens per forward/backward, a shared prompt once; 0 = auto: 2048 CPU, 16384 GPU",
+                                  low=0)
     shared_prefix: bool = arg(True, "a prompt runs once for its G samples (exact); false: every sequence on its own")
     checkpointing: bool = arg(False, "activation checkpointing per decoder layer (less memory, a second forward)")
-    clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)")
-    clip_high: float = arg(0.2, "PPO clip epsilon above 1 (paper: 0.2)")
-    beta: float = arg(0.001, "k3 KL coefficient to a frozen reference, in the loss (paper: 0.001)")
+    clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)", low=0,
+                          check=lambda v: None if v < 1 else "must be < 1")
+    clip_high: float = arg(0.2, "PPO clip epsilon above 1 (paper: 0.2)", low=0)
+    beta: float = arg(0.001, "k3 KL coefficient to a frozen reference, in the loss (paper: 0.001)", low=0)
     loss_type: str = arg("grpo", "loss reduction: grpo (sequence mean, DeepSeekMath) | bnpo | dr_grpo (Liu et al.) "
-                                 "| dapo (token mean over the minibatch, Yu et al.)")
-    adv_scale: str = arg("group", "advantage scaling: group std (GRPO) | batch std | none (Dr. GRPO)")
-    adv_eps: float = arg(1e-6, "advantage epsilon (verl: 1e-6; TRL: 1e-4)")
-    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl)")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    window: int = arg(80, "verdict_reward reads only the last `window` characters (released code: 80)")
+                                 "| dapo (token mean over the minibatch, Yu et al.)",
+                         choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    adv_scale: str = arg("group", "advantage scaling: group std (GRPO) | batch std | none (Dr. GRPO)",
+                         choices=["group", "batch", "none"])
+    adv_eps: float = arg(1e-6, "advantage epsilon (verl: 1e-6; TRL: 1e-4)", low=0)
+    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl)",
+                        choices=["sampler", "recompute"])
+    max_grad_norm: float = arg(1.0, "gradient clipping", check=_positive)
+    window: int = arg(80, "verdict_reward reads only the last `window` characters (released code: 80)", low=1)
     label_slot: str = arg("random", "slot of the chosen response in training prompts: random (seeded coin) | "
-                                    "alternate (as the released data)")
-    eval_per_category: int = arg(0, "synthetic held-out pairs per category; 0 = auto: 4 on CPU, all on GPU; -1 = all")
+                                    "alternate (as the released data)", choices=["random", "alternate"])
+    eval_per_category: int = arg(0, "synthetic held-out pairs per category; 0 = auto: 4 on CPU, all on GPU; -1 = all",
+                                 low=-1)
     hhh_per_category: int = arg(0, "HHH items per category (fixed hashed subset of those that fit); 0 = auto: 3 on "
-                                   "CPU, all on GPU; -1 = all")
-    eval_max_new_tokens: int = arg(0, "greedy tokens at evaluation; 0 = auto: 150 on CPU, 1024 on GPU")
-    eval_max_prompt_tokens: int = arg(0, "skip eval pairs with longer prompts; 0 = auto: 640 on CPU, 4096 on GPU")
-    gen_batch_size: int = arg(64, "sequences per generation batch (CPU decoding is memory-bound: larger is cheaper)")
+                                   "CPU, all on GPU; -1 = all", low=-1)
+    eval_max_new_tokens: int = arg(0, "greedy tokens at evaluation; 0 = auto: 150 on CPU, 1024 on GPU", low=0)
+    eval_max_prompt_tokens: int = arg(0, "skip eval pairs with longer prompts; 0 = auto: 640 on CPU, 4096 on GPU",
+                                      low=0)
+    gen_batch_size: int = arg(64, "sequences per generation batch (CPU decoding is memory-bound: larger is cheaper)",
+                              low=1)
     eval_only: bool = arg(False, "only score --model on the eval sets (no training)")
     save_model: bool = arg(True, "save the trained model to <run>/checkpoint")
+
+    def __post_init__(self):  # rules joining several fields, on the values main will use (auto resolved)
+        r = resolve_defaults(copy.copy(self))
+        units = r.prompts_per_step * (1 if r.shared_prefix else r.group_size)  # what minibatches are drawn from
+        if r.total_steps and units % r.num_minibatches:
+            raise ValueError(f"--num-minibatches {r.num_minibatches} must divide the {units} "
+                             f"{'groups' if r.shared_prefix else 'rows'} of a step (--prompts-per-step)")
+        if r.total_steps and not r.train_file:
+            raise ValueError("--train-file '' needs --total-steps 0 or --eval-only true")
+        if r.eval_only and (r.resume or not (r.eval_file or r.hhh_file or r.rewardbench_file)):
+            raise ValueError("--eval-only true: nothing to resume (--resume) and at least one eval file needed")
 
 
 def resolve_defaults(args):
@@ -250,21 +296,24 @@ def pair_scores(verdict_ab, verdict_ba):
 def evaluate(model, tokenizer, pairs, args, path, prefix):
     """Greedy judgement of every pair in both orders -> accuracy (mean over both orders), accuracy per order,
     both-orders-right, position consistency, verdict-format rate, overall and per category; one line per pair in
-    path."""
-    prompts = [pair_messages(p, label) for p in pairs for label in "AB"]
-    texts = generate(model, tokenizer, start_rollouts(tokenizer, prompts, n=1), args.eval_max_new_tokens,
-                     temperature=0.0, batch_size=args.gen_batch_size)
-    rows = []
-    with open(path, "w") as f:
-        for i, p in enumerate(pairs):
-            ab, ba = strip_eos(texts[2 * i], tokenizer), strip_eos(texts[2 * i + 1], tokenizer)
-            s = {**pair_scores(parse_verdict(ab), parse_verdict(ba)),
-                 "verdict_format": (well_formed(ab) + well_formed(ba)) / 2}
-            rows.append((p["category"], s))
-            f.write(json.dumps({"id": p["id"], "category": p["category"], **s, "verdict_AB": parse_verdict(ab),
-                                "verdict_BA": parse_verdict(ba), "completion_AB": ab, "completion_BA": ba},
-                               ensure_ascii=False) + "\n")
-    out = {}
+    path. Under torchrun each process judges every world-th pair; rank 0 writes the file, all get the scores."""
+    rank, world = rank_world()
+    mine = range(rank, len(pairs), world)
+    texts = generate(model, tokenizer, start_rollouts(tokenizer, [pair_messages(pairs[i], y) for i in mine
+                                                                  for y in "AB"], n=1),
+                     args.eval_max_new_tokens, temperature=0.0, batch_size=args.gen_batch_size)
+    lines = []
+    for j, i in enumerate(mine):
+        p, ab, ba = pairs[i], strip_eos(texts[2 * j], tokenizer), strip_eos(texts[2 * j + 1], tokenizer)
+        s = {**pair_scores(parse_verdict(ab), parse_verdict(ba)),
+             "verdict_format": (well_formed(ab) + well_formed(ba)) / 2}
+        lines.append((i, p["category"], s, {"id": p["id"], "category": p["category"], **s, "verdict_AB": parse_verdict(
+            ab), "verdict_BA": parse_verdict(ba), "completion_AB": ab, "completion_BA": ba}))
+    lines = sorted(x for part in gather(lines) for x in part)  # pair order (indices are unique)
+    if rank == 0:
+        with open(path, "w") as f:
+            f.writelines(json.dumps(line[3], ensure_ascii=False) + "\n" for line in lines)
+    rows, out = [(c, s) for _, c, s, _ in lines], {}
     for cat in sorted({c for c, _ in rows}) + [None] if rows else []:
         sel = [s for c, s in rows if cat is None or c == cat]
         keys = list(rows[0][1]) if cat is None else ["acc", "consistent"]
@@ -309,24 +358,48 @@ def _logprobs_in_chunks(model, data, args):
     return out
 
 
-def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather(obj):
+    """[obj of process 0, obj of process 1, ...] under torchrun (all_gather_object); [obj] in one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=None, generator=None):
     """Steps 4-5 of a GRPO iteration on one rollout batch (collated (N, T) tensors, advantages (N,)): old_logp and
     ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over token-sized micro-batches.
     Without a KL term (beta = 0) a sequence with advantage 0 has exactly zero gradient: it is skipped (the weights
-    still count it: the same update). Returns token-weighted means of the loss metrics and the mean grad_norm."""
+    still count it: the same update). Under torchrun `data` is this process's share, whole groups, as many on each
+    process, in rank order: minibatches are drawn over the global batch with `generator` (the same on every process),
+    losses are normalised by global counts and sync_gradients sums the gradients: the one-process update. A step
+    with a non-finite loss or gradient is skipped (`guard`, FiniteGuard). Returns token-weighted means (over all
+    processes) of the loss metrics and the mean grad_norm."""
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
-    assert loss_mask.sum() > 0, "empty loss_mask"
+    assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
+    (rank, world), guard = rank_world(), guard or FiniteGuard(args.max_bad_steps)
     active = (advantages != 0) | (args.beta > 0)  # (N,)
     old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
     ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
-    stats, unit = {}, args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
+    unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
+    n_local, keys = len(loss_mask) // unit, ["policy_loss", "clipfrac", "approx_kl", "ratio_mean", "kl"][:4 + (
+        ref_logp is not None)]
+    sums, grad_norms = torch.zeros(len(keys) + 1, dtype=torch.float64), []  # sums of value x tokens, then tokens
     for epoch in range(args.ppo_epochs):
-        perm, per = torch.randperm(len(loss_mask) // unit), len(loss_mask) // unit // args.num_minibatches
+        perm, per = torch.randperm(n_local * world, generator=generator), n_local * world // args.num_minibatches
         assert per > 0, f"{len(perm)} groups (or rows) cannot fill {args.num_minibatches} minibatches"
-        for m, idx in enumerate((perm[m * per:(m + 1) * per, None] * unit + torch.arange(unit)).flatten()
-                                for m in range(args.num_minibatches)):
-            mini_tokens = float(loss_mask[idx].sum())
+        for m in range(args.num_minibatches):
+            mine = perm[m * per:(m + 1) * per]
+            mine = mine[mine // n_local == rank] - rank * n_local  # this process's units of minibatch m (maybe none)
+            idx = (mine[:, None] * unit + torch.arange(unit)).flatten()
+            mini_rows, mini_tokens = per * unit, all_reduce(float(loss_mask[idx].sum()))  # global counts
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
+            loss_sum = 0.0
             for k, mb in enumerate(micro_batches(data, idx[active[idx].cpu()], args)):
                 logp = _logprobs(model, data, mb, args)  # (b, width)
                 width = logp.shape[1]
@@ -335,31 +408,51 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
                     None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
                 n_tok = float(loss_mask[mb].sum())
-                (loss * micro_weight(args.loss_type, len(mb), len(idx), n_tok, mini_tokens)).backward()
+                weighted = loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)
+                weighted.backward()
+                loss_sum += weighted.item()
                 if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
                     ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
                     assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
                         f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
                 assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
-                for k, v in [("policy_loss", loss.item())] + [(k, float(v)) for k, v in metrics.items()]:
-                    stats.setdefault(k, []).append((v, n_tok))
+                sums += torch.tensor([loss.item() * n_tok] + [float(metrics[k]) * n_tok for k in keys[1:]] + [n_tok],
+                                     dtype=torch.float64)
+            sync_gradients(model)  # every gradient becomes its sum over processes (a no-op in one process)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            stats.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
-            optimizer.step()
-    return {k: sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1e-9) for k, vals in stats.items()}
+            grad_norms.append(float(grad_norm))
+            if guard.ok(all_reduce(loss_sum), grad_norm):  # the same decision on every process
+                optimizer.step()
+    sums = all_reduce(sums)
+    return {**{k: float(sums[i] / max(float(sums[-1]), 1e-9)) for i, k in enumerate(keys)},
+            "grad_norm": float(np.mean(grad_norms))}
+
+
+def rng_state():
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), \
+        torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def set_rng_state(state):
+    random.setstate(state[0]), np.random.set_state(state[1]), torch.set_rng_state(state[2])
+    if state[3] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state[3])
 
 
 def main(args):
     args = resolve_defaults(args)
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    rank, world = distributed()  # (0, 1) without torchrun
+    say = print if rank == 0 else (lambda *a, **k: None)
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
+    model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
     device = next(model.parameters()).device
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 and args.total_steps > 0 else None
-    make = "python data/make_rmr1_cor.py"
-    for path, how in [(args.train_file, make), (args.eval_file, make), (args.hhh_file, "python data/make_hhh.py"),
-                      (args.rewardbench_file, "")]:
-        if path and not Path(path).exists():
-            sys.exit(f"{path} not found" + (f": run `{how}` first" if how else ""))
+    ref_model = None  # the frozen starting policy, also when resuming
+    if args.beta > 0 and args.total_steps > 0:
+        ref_model = (load_model(args.model)[0] if args.resume else copy.deepcopy(model)).requires_grad_(False)
+    data_parallel(model)  # under torchrun: rank 0's weights everywhere, gradients summed by sync_gradients
+    B, G = args.prompts_per_step, args.group_size
+    if args.total_steps > 0 and B % world:
+        sys.exit(f"--prompts-per-step {B} must be a multiple of the {world} processes (whole groups per process)")
     train = load_pairs(args.train_file) if args.total_steps > 0 else []
     n_train = len(train)
     train = [p for p in train if prompt_tokens(tokenizer, p) <= args.max_prompt_tokens]
@@ -370,72 +463,96 @@ def main(args):
                             args.hhh_per_category), ("rewardbench", args.rewardbench_file, -1)]:
         if path:
             eval_sets[prefix] = eval_subset(tokenizer, load_pairs(path), n, args.eval_max_prompt_tokens)
-    print(f"train pairs: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; eval pairs (x2 orders): "
-          + ", ".join(f"{k} {len(v)}" for k, v in eval_sets.items()))
-    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir)
-
-    # 0. pairwise accuracy of the starting model, both orders
-    t0, before = time.time(), {}
-    for prefix, pairs in eval_sets.items():
-        name = f"predictions_{prefix}.jsonl" if args.total_steps == 0 else f"predictions_{prefix}_before.jsonl"
-        before.update(evaluate(model, tokenizer, pairs, args, logger.dir / name, prefix) if pairs else {})
-    print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
-
+    say(f"train pairs: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; eval pairs (x2 orders): "
+        + ", ".join(f"{k} {len(v)}" for k, v in eval_sets.items()))
+    if args.resume and rank == 0:
+        saved, now = json.loads((Path(args.resume) / "args.json").read_text()), dataclasses.asdict(args)
+        changed = {k: [saved.get(k), v] for k, v in now.items() if k != "resume" and saved.get(k) != v}
+        if changed:
+            print(f"warning: resuming {args.resume} with other arguments than its args.json ([then, now]): "
+                  f"{changed}", file=sys.stderr)
+    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    order, cursor, B, G = list(range(len(train))), len(train), args.prompts_per_step, args.group_size
-    slot_rng, n_drawn = random.Random(args.seed + 1), 0
+    guard, perm_gen = FiniteGuard(args.max_bad_steps), torch.Generator().manual_seed(args.seed)
+    data_rng, slot_rng = random.Random(args.seed), random.Random(args.seed + 1)  # the same on every process
+    order, cursor, n_drawn, start, before = list(range(len(train))), len(train), 0, 0, {}
+    if args.resume:  # everything the loop carries from step to step (saved by logger.save below)
+        state = logger.restore(optimizer)
+        start, order, cursor, n_drawn, before = (state["step"] + 1, *(state[k] for k in ("order", "cursor",
+                                                                                         "n_drawn", "before")))
+        data_rng.setstate(state["data_rng"]), slot_rng.setstate(state["slot_rng"])
+        perm_gen.set_state(state["perm_gen"])
+        guard.skipped, guard.in_a_row = state["guard"]
+        if len(state["rng_ranks"]) == world:  # this process's own sampling RNGs (restore set rank 0's)
+            set_rng_state(state["rng_ranks"][rank])
+        say(f"resumed {args.resume} after step {state['step']}")
+    else:  # 0. pairwise accuracy of the starting model, both orders
+        t0 = time.time()
+        for prefix, pairs in eval_sets.items():
+            name = f"predictions_{prefix}.jsonl" if args.total_steps == 0 else f"predictions_{prefix}_before.jsonl"
+            before.update(evaluate(model, tokenizer, pairs, args, logger.dir / name, prefix) if pairs else {})
+        say("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
+
     keys = ["reward", "verdict_format", "frac_reward_zero_std", "says_A", "kl", "clipfrac", "approx_kl",
-            "completion_len", "time/generate_s", "time/train_s"]
-    for step in tqdm(range(args.total_steps), desc="grpo", disable=not sys.stderr.isatty()):
-        # 1. sample G judgements per pair; the chosen response sits in slot A or B (label)
+            "completion_len", "skipped_steps", "time/generate_s", "time/train_s"]
+    mine = slice(rank * B // world, (rank + 1) * B // world)  # this process's pairs of the global batch
+    for step in tqdm(range(start, args.total_steps), desc="grpo", disable=rank > 0 or not sys.stderr.isatty()):
+        # 1. the global batch of B pairs (the same on every process); the chosen response sits in slot A or B (label);
+        #    this process samples G judgements for each of its B / world pairs
         batch, labels = [], []
         while len(batch) < B:
             if cursor >= len(order):
-                random.shuffle(order)
+                data_rng.shuffle(order)
                 cursor = 0
             batch.append(train[order[cursor]])
             labels.append(("A" if n_drawn % 2 == 0 else "B") if args.label_slot == "alternate"
                           else slot_rng.choice("AB"))
             cursor, n_drawn = cursor + 1, n_drawn + 1
+        batch, labels = batch[mine], labels[mine]
         t_gen = time.time()
         rollouts = start_rollouts(tokenizer, [pair_messages(p, y) for p, y in zip(batch, labels)], n=G)
         raw = generate(model, tokenizer, rollouts, args.max_new_tokens, args.temperature,
                        batch_size=args.gen_batch_size, share_prefix=args.shared_prefix)
         t_gen = time.time() - t_gen
 
-        # 2. rewards: +1 / -1 from the last `window` characters of the decoded completion (EOS text kept, as released)
+        # 2. rewards: +1 / -1 from the last `window` characters of the decoded completion (EOS text kept, as released);
+        #    all processes' rewards (B*G,) for the advantages and the metrics
         t_train = time.time()
-        rewards = torch.tensor([verdict_reward(t, labels[i // G], args.window) for i, t in enumerate(raw)])  # (B*G,)
+        local = [verdict_reward(t, labels[i // G], args.window) for i, t in enumerate(raw)]
+        rewards = torch.tensor([r for part in gather(local) for r in part])  # (B*G,)
         assert torch.isfinite(rewards).all(), "non-finite reward"
         texts = [strip_eos(t, tokenizer) for t in raw]
         verdicts = [parse_verdict(t) for t in texts]
 
-        # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3)
-        advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps).to(device)  # (B*G,)
+        # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3) over the global batch; this process's rows
+        advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps)  # (B*G,)
+        advantages = advantages[mine.start * G:mine.stop * G].to(device)
         group_std = rewards.view(B, G).std(dim=1)
 
         # 4.-5. old_logp, then several minibatch updates of the clipped surrogate with the k3 KL
         data = collate(rollouts, tokenizer.pad_token_id, device)
-        stats = grpo_update(model, optimizer, data, advantages, args, ref_model)
-        loss_mask = data["loss_mask"]
+        stats = grpo_update(model, optimizer, data, advantages, args, ref_model, guard, perm_gen)
         t_train = time.time() - t_train
 
-        # 6. log aggregates over the whole step
-        n_new = loss_mask.sum(1)  # (B*G,)
+        # 6. log aggregates over the whole step (every process's rows)
+        n_new = data["loss_mask"].sum(1)  # (b*G,)
+        local = [[well_formed(t), v == labels[i // G], v == "A", labels[i // G] == "A", task_type(t) is not None,
+                  float(n_new[i]), r.stop_reason == "length"] for i, (t, v, r) in enumerate(zip(texts, verdicts,
+                                                                                              rollouts))]
+        per_row = np.array([x for part in gather(local) for x in part], dtype=float).mean(0)  # over B*G rows
+        t_gen, t_train = all_reduce(t_gen, "max"), all_reduce(t_train, "max")
         row = {"reward": rewards.mean(), "reward_std": rewards.std(),
-               "frac_reward_zero_std": float((group_std < 1e-6).float().mean()),
-               "rewards/verdict/mean": rewards.mean(),
-               "verdict_format": float(np.mean([well_formed(t) for t in texts])),
-               "eval_parse_acc": float(np.mean([v == labels[i // G] for i, v in enumerate(verdicts)])),
-               "says_A": float(np.mean([v == "A" for v in verdicts])), "label_A": float(np.mean([y == "A" for y in
-                                                                                                   labels])),
-               "type_tag": float(np.mean([task_type(t) is not None for t in texts])),
-               **stats,
-               "completion_len": float(n_new.float().mean()),
-               "clipped_ratio": float(np.mean([r.stop_reason == "length" for r in rollouts])),
-               "tokens_per_s": float(n_new.sum()) / max(t_gen, 1e-9), "time/generate_s": t_gen,
+               "frac_reward_zero_std": float((group_std < 1e-6).float().mean()), "rewards/verdict/mean": rewards.mean(),
+               **{k: float(v) for k, v in zip(["verdict_format", "eval_parse_acc", "says_A", "label_A", "type_tag",
+                                               "completion_len", "clipped_ratio"], per_row)},
+               **stats, "skipped_steps": guard.skipped,
+               "tokens_per_s": all_reduce(float(n_new.sum())) / max(t_gen, 1e-9), "time/generate_s": t_gen,
                "time/train_s": t_train}
         logger.log(step, row, keys=keys)
+        if args.save_every and (step + 1) % args.save_every == 0 or args.save_model and step + 1 == args.total_steps:
+            logger.save(step, model, tokenizer, optimizer, order=list(order), cursor=cursor, n_drawn=n_drawn,
+                        data_rng=data_rng.getstate(), slot_rng=slot_rng.getstate(), perm_gen=perm_gen.get_state(),
+                        guard=(guard.skipped, guard.in_a_row), before=before, rng_ranks=gather(rng_state()))
 
     # 7. pairwise accuracy after training; every judgement in predictions_<set>.jsonl
     after = {}
@@ -443,12 +560,12 @@ def main(args):
         if pairs and args.total_steps > 0:
             after.update(evaluate(model, tokenizer, pairs, args, logger.dir / f"predictions_{prefix}.jsonl", prefix))
     if after:
-        print("after:", json.dumps(after))
+        say("after:", json.dumps(after))
     summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
-               "train_pairs": len(train)}
+               "train_pairs": len(train), "skipped_steps": guard.skipped}
     if args.save_model and args.total_steps > 0:
-        summary["checkpoint"] = str(save_checkpoint(model, tokenizer, logger.dir / "checkpoint"))
-    print(json.dumps(logger.finish(summary), indent=1))
+        summary["checkpoint"] = str(logger.dir / "checkpoint")
+    say(json.dumps(logger.finish(summary), indent=1))
     return summary
 
 
