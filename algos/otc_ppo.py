@@ -36,8 +36,10 @@ With --reward em the policy learns to search more (a second search repairs answe
 --reward otc did not cut calls within these 8 steps (TC 2.0 vs 1.83, EM 0.64 vs 0.76; README.md): a smoke budget.
 """
 import copy
+import dataclasses
 import json
 import math
+import os
 import random
 import re
 import string
@@ -54,12 +56,13 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from algos.model import (FiniteGuard, RunLogger, all_reduce, append_tokens, arg, collate, data_parallel,  # noqa: E402
                          distributed, generate, load_model, model_error, parse_args, render_chat, sequence_logprobs,
-                         save_checkpoint, start_rollouts, sync_gradients)
+                         start_rollouts, sync_gradients)
 from kernels.advantage import group_advantages, policy_loss  # noqa: E402
 from kernels.logprob import linear_token_logprobs, token_logprobs  # noqa: E402
 
@@ -218,12 +221,12 @@ def otc_grpo_tool_reward(m: int, n, c: int) -> float:
 
 def otc_rewards(episodes, rows, args, best_calls):
     """Named reward components per rollout. For OTC-GRPO, best_calls (question id -> fewest calls of a correct
-    rollout) is updated with this batch first, so n covers this group and every earlier visit."""
+    rollout) is updated with this batch of every process first, so n covers this group and every earlier visit, and
+    every process holds the same n."""
     em = [em_reward(e["answer"], rows[i // args.group_size]["answers"]) for i, e in enumerate(episodes)]
-    for i, e in enumerate(episodes):
-        qid = rows[i // args.group_size]["id"]
-        if em[i] == 1.0:
-            best_calls[qid] = min(best_calls.get(qid, e["calls"]), e["calls"])
+    found = [(rows[i // args.group_size]["id"], e["calls"]) for i, e in enumerate(episodes) if em[i] == 1.0]
+    for qid, m in gather(found):
+        best_calls[qid] = min(best_calls.get(qid, m), m)
     out = []
     for i, e in enumerate(episodes):
         if args.estimator == "grpo":
@@ -253,10 +256,10 @@ def gae(rewards, values, mask, gamma=1.0, lam=1.0):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries; 0 elsewhere."""
-    n = mask.sum().clamp(min=1)
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
+    """(x - mean) / std over the masked entries of every process (2 processes = 1); 0 elsewhere."""
+    n = all_reduce(mask.sum()).clamp(min=1)
+    mean = all_reduce((x * mask).sum()) / n
+    var = all_reduce((((x - mean) * mask) ** 2).sum()) / n
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -267,10 +270,22 @@ def value_loss(values, old_values, returns, mask, clip):
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over sampled tokens: 1 = perfect critic, 0 = no better than a constant; nan when
-    the returns do not vary (as CleanRL)."""
-    r, v = returns[mask > 0], values[mask > 0]
-    return float("nan") if r.numel() < 2 or r.var() < 1e-12 else float(1 - (r - v).var() / r.var())
+    """1 - Var(R - V) / Var(R) over the sampled tokens of every process: 1 = perfect critic, 0 = no better than a
+    constant; nan when the returns do not vary (as CleanRL)."""
+    r, d = returns[mask > 0].double(), (returns - values)[mask > 0].double()
+    n, s_r, q_r, s_d, q_d = all_reduce(torch.stack([r.new_tensor(r.numel()), r.sum(), r.square().sum(), d.sum(),
+                                                    d.square().sum()])).tolist()
+    var_r = (q_r - s_r ** 2 / n) / max(n - 1, 1)
+    return float("nan") if n < 2 or var_r < 1e-12 else 1 - (q_d - s_d ** 2 / n) / max(n - 1, 1) / var_r
+
+
+def gather(items):
+    """A list concatenated over processes in rank order (all_gather_object); the list itself in one process."""
+    if not dist.is_initialized():
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
 
 
 def forward(model, value_head, input_ids, attention_mask, temperature=1.0, entropy=False, detach_trunk=True):
@@ -436,10 +451,13 @@ def summarize(episodes, rows, em):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, retriever, args, path):
-    """Greedy multi-turn rollouts on the test rows -> EM / TC / TP; one prediction per line in path."""
-    _, episodes = run_episodes(model, tokenizer, [r["question"] for r in rows], retriever, args, 1, 0.0)
+    """Greedy multi-turn rollouts on the test rows (torchrun: a share per process) -> EM / TC / TP; one prediction
+    per line in path."""
+    rank, world = distributed()
+    share = [r["question"] for r in rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]]
+    episodes = gather(run_episodes(model, tokenizer, share, retriever, args, 1, 0.0)[1])
     em = [em_reward(e["answer"], r["answers"]) for e, r in zip(episodes, rows)]
-    with open(path, "w") as f:
+    with open(path if rank == 0 else os.devnull, "w") as f:
         for r, e, ok in zip(rows, episodes, em):
             f.write(json.dumps({"id": r["id"], "kind": r["kind"], "optimal_calls": r["optimal_calls"], "em": ok,
                                 **e}, ensure_ascii=False) + "\n")
@@ -490,14 +508,16 @@ def _logprobs_in_chunks(model, value_head, data, args):
 
 
 def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, ref_logp=None, old_values=None,
-               returns=None):
-    """ppo_epochs x num_minibatches optimizer steps on one rollout batch, each accumulated over token-sized
-    micro-batches. advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO, then old_values and returns (N, T)
-    train the value head). ref_logp enters the loss as k3 only with kl_mode=loss. A GRPO row with advantage 0 and no
-    KL or entropy term has exactly zero gradient: it is skipped (the weights still count it). Returns token-weighted
-    mean metrics and the mean grad_norm."""
-    loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens only; prompt, tool turns and padding 0
-    assert loss_mask.sum() > 0, "empty loss_mask"
+               returns=None, guard=None):
+    """ppo_epochs x num_minibatches optimizer steps on this process's rows of a rollout batch, each accumulated over
+    token-sized micro-batches; losses are divided by the minibatch's counts over all processes, so the gradient summed
+    by sync_gradients is the one-process gradient. advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO, then
+    old_values and returns (N, T) train the value head). ref_logp enters the loss as k3 only with kl_mode=loss. A GRPO
+    row with advantage 0 and no KL or entropy term has exactly zero gradient: it is skipped (the weights still count
+    it). A non-finite loss or gradient skips the optimizer step (guard, FiniteGuard). Returns token-weighted means of
+    the metrics over all processes and the mean grad_norm."""
+    loss_mask, guard = data["loss_mask"], guard or FiniteGuard(args.max_bad_steps)  # (N, T): 1 on sampled tokens
+    assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
     ppo, kl_ref = returns is not None, ref_logp if args.kl_mode == "loss" else None
     skip = advantages.dim() == 1 and kl_ref is None and args.ent_coef == 0
     active = (advantages != 0).cpu() if skip else torch.ones(len(loss_mask), dtype=torch.bool)  # (N,)
@@ -507,8 +527,9 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
         assert per > 0, f"{len(perm)} groups (or rows) cannot fill {args.num_minibatches} minibatches"
         for m, idx in enumerate((perm[m * per:(m + 1) * per, None] * unit + torch.arange(unit)).flatten()
                                 for m in range(args.num_minibatches)):
-            mini_tokens = float(loss_mask[idx].sum())
+            mini_tokens, mini_rows = all_reduce(float(loss_mask[idx].sum())), all_reduce(float(len(idx)))
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
+            loss_sum = 0.0
             for k, mb in enumerate(micro_batches(data, idx[active[idx]], args)):
                 logp, values, ent = _logprobs(model, value_head if ppo else None, data, mb, args, args.ent_coef > 0)
                 width, n_tok = logp.shape[1], float(loss_mask[mb].sum())
@@ -518,7 +539,7 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                     logp, old_logp[mb, :width], adv, mask, args.clip_low, args.clip_high,
                     None if kl_ref is None else kl_ref[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_turn_tokens * (args.max_calls + 1), num_active_tokens=mini_tokens)
-                total = loss * micro_weight(args.loss_type, len(mb), len(idx), n_tok, mini_tokens)
+                total = loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)
                 if ppo:  # value loss: token mean over the minibatch
                     v_loss = value_loss(values, old_values[mb, :width], returns[mb, :width], mask, args.clip_value)
                     total = total + args.vf_coef * v_loss / max(mini_tokens, 1.0)
@@ -528,6 +549,7 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                     total = total - args.ent_coef * ent_sum / max(mini_tokens, 1.0)
                     metrics["entropy"] = ent_sum.detach() / max(n_tok, 1.0)
                 total.backward()
+                loss_sum += float(total.detach())
                 if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
                     ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
                     assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
@@ -535,122 +557,176 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                 assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
                 for key, v in [("policy_loss", loss.item())] + [(key, float(v)) for key, v in metrics.items()]:
                     stats.setdefault(key if key != "kl" else "kl_loss", []).append((v, n_tok))
+            sync_gradients(model), sync_gradients(value_head) if ppo else None  # gradients summed over processes
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             stats.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
-            optimizer.step()
-    return {k: sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1e-9) for k, vals in stats.items()}
+            if guard.ok(all_reduce(loss_sum), grad_norm):  # the same decision in every process
+                optimizer.step()
+    sums = gather([(k, sum(v * n for v, n in vals), sum(n for _, n in vals)) for k, vals in stats.items()])
+    return {k: sum(s for j, s, _ in sums if j == k) / max(sum(n for j, _, n in sums if j == k), 1e-9)
+            for k in dict.fromkeys(k for k, _, _ in sums)}
+
+
+def advantages_and_targets(model, value_head, ref_model, data, rewards, args):
+    """Steps 3-4 on this process's rollouts (rewards (N,)) -> (the update's inputs, {kl, explained_variance}):
+    old_logp, ref_logp and the rollout-time values (no grad), then the advantages: GAE on per-token rewards (PPO,
+    whitened over the sampled tokens of every process) or group-normalised outcome rewards (GRPO; whole groups per
+    process, --adv-scale batch takes the std of every process's rewards)."""
+    loss_mask, device = data["loss_mask"], data["loss_mask"].device  # (N, T)
+    old_logp, old_values, ref_logp, returns, logs = data["sample_logp"], None, None, None, {}
+    with torch.no_grad():
+        if value_head is not None or args.old_logp == "recompute":
+            recomputed, old_values = _logprobs_in_chunks(model, value_head, data, args)
+            old_logp = recomputed if args.old_logp == "recompute" else old_logp
+        if ref_model is not None:
+            ref_logp = _logprobs_in_chunks(ref_model, None, data, args)[0]
+            delta = (ref_logp - old_logp) * loss_mask
+            logs["kl"] = all_reduce(float(((delta.exp() - delta - 1) * loss_mask).sum())) / all_reduce(
+                float(loss_mask.sum()))
+    if args.estimator == "ppo":
+        last = (loss_mask * torch.arange(loss_mask.shape[1], device=device)).argmax(1)  # last sampled token
+        token_rewards = torch.zeros_like(loss_mask)
+        token_rewards[torch.arange(len(last)), last] = rewards.to(device)  # outcome reward on the last token
+        if args.kl_mode == "reward" and ref_logp is not None:
+            token_rewards = token_rewards - args.beta * (old_logp - ref_logp) * loss_mask  # k1 per token
+        advantages, returns = gae(token_rewards, old_values * loss_mask, loss_mask, args.gamma, args.lam)
+        logs["explained_variance"] = explained_variance(old_values, returns, loss_mask)
+        advantages = masked_whiten(advantages, loss_mask) if args.whiten else advantages  # (N, T)
+    else:
+        start = sum(gather([len(rewards)])[:distributed()[0]])  # this process's first row in the whole batch
+        advantages = group_advantages(torch.tensor(gather(rewards.tolist())), args.group_size, scale=args.adv_scale,
+                                      eps=args.adv_eps)[start:start + len(rewards)].to(device)  # (N,)
+    return dict(advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, old_values=old_values,
+                returns=returns), logs
+
+
+def rng_states():
+    return [random.getstate(), np.random.get_state(), torch.get_rng_state()] + (
+        [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
 
 
 def main(args):
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    rank, world = distributed()  # torchrun: each process samples and trains its share of the step's questions
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
+    B, G = args.prompts_per_step, args.group_size
+    if B % world or B // world * (1 if args.shared_prefix else G) % args.num_minibatches:
+        sys.exit(f"--prompts-per-step {B} must give each of {world} processes whole groups for "
+                 f"--num-minibatches {args.num_minibatches}")
+    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
+    if args.resume and rank == 0:
+        saved = json.loads((Path(args.resume) / "args.json").read_text())
+        changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items() if k != "resume" and
+                   saved.get(k) != v}
+        if changed:
+            print(f"warning: resumed with arguments that differ from the run's args.json (was, now): {changed}",
+                  file=sys.stderr)
+    model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
     device = next(model.parameters()).device
     train = load_jsonl(args.train_file, QA_FIELDS)
     tests = load_jsonl(args.test_file, QA_FIELDS)[:args.eval_items or None]
     retriever = SearchR1Client(args.retriever, args.retrieval_timeout) if args.retriever.startswith("http") else \
         BM25Retriever(load_jsonl(args.corpus_file, {"id": str, "title": str, "text": str}))
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
-    value_head = None
+    ref_model = None if args.beta == 0 else (load_model(args.model)[0] if args.resume else copy.deepcopy(model)
+                                             ).requires_grad_(False)  # the frozen start, also when resuming
+    value_head, heads = None, []
     if args.estimator == "ppo":
         value_head = torch.nn.Linear(model.config.hidden_size, 1).to(device)
         torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
-        if (Path(args.model) / "value_head.pt").exists():  # resume the critic with its policy
+        if (Path(args.model) / "value_head.pt").exists():  # start the critic with its policy
             value_head.load_state_dict(torch.load(Path(args.model) / "value_head.pt"))
+        heads = [data_parallel(value_head)]
+    data_parallel(model)  # torchrun: rank 0's weights everywhere; sync_gradients sums gradients over processes
     print(f"train questions: {len(train)}, test questions: {len(tests)}, estimator {args.estimator}, "
-          f"reward {args.reward}, {args.prompts_per_step} x {args.group_size} rollouts per step")
-    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir)
-
-    # 0. EM / TC / TP of the starting model
-    t0 = time.time()
-    before = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions_before.jsonl") \
-        if args.eval_before and tests else {}
-    print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
-
+          f"reward {args.reward}, {B} x {G} rollouts per step over {world} process(es)")
     optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": args.lr}] + (
         [] if value_head is None else [{"params": value_head.parameters(), "lr": args.critic_lr}]))
-    order, cursor, B, G = list(range(len(train))), len(train), args.prompts_per_step, args.group_size
-    best_calls = {}  # OTC-GRPO: question id -> fewest calls of a correct rollout so far
+    guard, data_rng, best_calls = FiniteGuard(args.max_bad_steps), random.Random(args.seed), {}  # best_calls: OTC-GRPO
+    order, cursor, start, before = list(range(len(train))), len(train), 0, {}  # data order: the same in every process
+
+    def save(step):  # resumable checkpoint: model, optimizer, value head, RNGs of every process, data and guard state
+        path = logger.save(step, model, tokenizer, optimizer, *heads, before=before, order=order, cursor=cursor,
+                           data_rng=data_rng.getstate(), best_calls=best_calls, rngs=gather([rng_states()]),
+                           guard=(guard.in_a_row, guard.skipped))
+        if path and value_head is not None:
+            torch.save(value_head.state_dict(), path / "value_head.pt")
+        return path
+
+    if args.resume:
+        state = logger.restore(optimizer, *heads)
+        start, before, order, cursor, best_calls = (state["step"] + 1, state["before"], state["order"],
+                                                    state["cursor"], state["best_calls"])
+        data_rng.setstate(state["data_rng"])
+        guard.in_a_row, guard.skipped = state["guard"]
+        if len(state["rngs"]) == world:  # each process continues its own sampling stream
+            rng = state["rngs"][rank]
+            random.setstate(rng[0]), np.random.set_state(rng[1]), torch.set_rng_state(rng[2])
+            if len(rng) > 3 and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng[3])
+        print(f"resumed {args.resume} after step {state['step']}")
+    elif args.eval_before and tests:  # 0. EM / TC / TP of the starting model
+        t0 = time.time()
+        before = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions_before.jsonl")
+        print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
+
     keys = ["reward", "rewards/em/mean", "tool_calls", "rewards/tool/mean", "value_loss", "explained_variance", "kl",
             "approx_kl", "clipfrac", "time/generate_s", "time/train_s"]
-    for step in tqdm(range(args.total_steps), desc=args.estimator, disable=not sys.stderr.isatty()):
-        # 1. multi-turn rollouts: G per question, searches executed by the retriever
+    for step in tqdm(range(start, args.total_steps), desc=args.estimator, disable=rank or not sys.stderr.isatty()):
+        # 1. multi-turn rollouts: G per question of this process's share, searches executed by the retriever
         batch = []
         while len(batch) < B:
             if cursor >= len(order):
-                random.shuffle(order)
+                data_rng.shuffle(order)
                 cursor = 0
             batch.append(train[order[cursor]])
             cursor += 1
+        batch = batch[rank * B // world:(rank + 1) * B // world]
         t_gen = time.time()
         rollouts, episodes = run_episodes(model, tokenizer, [r["question"] for r in batch], retriever, args, G,
                                           args.temperature)
-        t_gen, kinds = time.time() - t_gen, [r["kind"] for r in batch for _ in range(G)]
+        t_gen = time.time() - t_gen
 
         # 2. rewards: EM, the OTC tool reward and their product (or EM alone)
         t_train = time.time()
         comps = otc_rewards(episodes, batch, args, best_calls)
-        rewards = torch.tensor([c["total"] for c in comps])  # (B*G,)
+        rewards = torch.tensor([c["total"] for c in comps])  # (b*G,) this process
         assert torch.isfinite(rewards).all(), "non-finite reward"
 
-        # 3. old_logp, ref_logp and the rollout-time values (no grad)
+        # 3.-4. old_logp, ref_logp, rollout-time values; advantages: GAE (PPO) or group-normalised rewards (GRPO)
         data = collate(rollouts, tokenizer.pad_token_id, device)
-        loss_mask = data["loss_mask"]  # (B*G, T)
-        with torch.no_grad():
-            old_logp, old_values = data["sample_logp"], None
-            if value_head is not None or args.old_logp == "recompute":
-                recomputed, old_values = _logprobs_in_chunks(model, value_head, data, args)
-                old_logp = recomputed if args.old_logp == "recompute" else old_logp
-            ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, None, data, args)[0]
-            delta = None if ref_logp is None else (ref_logp - old_logp) * loss_mask
-            kl = None if delta is None else float(((delta.exp() - delta - 1) * loss_mask).sum() / loss_mask.sum())
-
-        # 4. advantages: GAE on per-token rewards (PPO) or group-normalised outcome rewards (GRPO)
-        returns = None
-        if args.estimator == "ppo":
-            last = (loss_mask * torch.arange(loss_mask.shape[1], device=device)).argmax(1)  # last sampled token
-            token_rewards = torch.zeros_like(loss_mask)
-            token_rewards[torch.arange(len(last)), last] = rewards.to(device)  # outcome reward on the last token
-            if args.kl_mode == "reward" and ref_logp is not None:
-                token_rewards = token_rewards - args.beta * (old_logp - ref_logp) * loss_mask  # k1 per token
-            advantages, returns = gae(token_rewards, old_values * loss_mask, loss_mask, args.gamma, args.lam)
-            ev = explained_variance(old_values, returns, loss_mask)
-            advantages = masked_whiten(advantages, loss_mask) if args.whiten else advantages  # (B*G, T)
-        else:
-            advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps).to(device)  # (B*G,)
+        inputs, logs = advantages_and_targets(model, value_head, ref_model, data, rewards, args)
 
         # 5. clipped policy loss (+ clipped value loss) over minibatches
-        stats = ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, ref_logp, old_values,
-                           returns)
+        stats = ppo_update(model, value_head, optimizer, data, args=args, guard=guard, **inputs)
         t_train = time.time() - t_train
 
-        # 6. log aggregates over the whole step
-        n_new = loss_mask.sum(1)
-        calls = [e["calls"] for e in episodes]
+        # 6. log aggregates over the whole step (every process's rollouts)
+        every = gather({**c, "calls": e["calls"], "invalid": e["invalid"], "kind": batch[i // G]["kind"],
+                        "len": float(n)} for i, (c, e, n) in enumerate(zip(comps, episodes, data["loss_mask"].sum(1))))
+        rewards, calls = torch.tensor([e["total"] for e in every]), [e["calls"] for e in every]
         row = {"reward": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else 0.0,
-               **{f"rewards/{k}/mean": float(np.mean([c[k] for c in comps])) for k in ("em", "tool")},
-               **stats, **({"kl": kl} if kl is not None else {}),
-               **({"explained_variance": ev} if returns is not None else {}),
-               "tool_calls": float(np.mean(calls)),
-               **{f"tool_calls/{k}": float(np.mean([c for c, j in zip(calls, kinds) if j == k])) for k in set(kinds)},
-               "invalid_actions": float(np.mean([e["invalid"] for e in episodes])),
-               "completion_len": float(n_new.float().mean()),
-               "tokens_per_s": float(n_new.sum()) / max(t_gen, 1e-9), "time/generate_s": t_gen,
+               **{f"rewards/{k}/mean": float(np.mean([e[k] for e in every])) for k in ("em", "tool")},
+               **stats, **logs, "skipped_steps": guard.skipped, "tool_calls": float(np.mean(calls)),
+               **{f"tool_calls/{k}": float(np.mean([e["calls"] for e in every if e["kind"] == k]))
+                  for k in sorted({e["kind"] for e in every})},
+               "invalid_actions": float(np.mean([e["invalid"] for e in every])),
+               "completion_len": float(np.mean([e["len"] for e in every])),
+               "tokens_per_s": sum(e["len"] for e in every) / max(t_gen, 1e-9), "time/generate_s": t_gen,
                "time/train_s": t_train}
         if G > 1:
-            row["frac_reward_zero_std"] = float((rewards.view(B, G).std(1) < 1e-6).float().mean())
+            row["frac_reward_zero_std"] = float((rewards.view(-1, G).std(1) < 1e-6).float().mean())
         logger.log(step, row, keys=keys)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.total_steps:
+            save(step)
 
     # 7. EM / TC / TP after training
     after = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions.jsonl") \
         if tests and args.total_steps > 0 else {}
     print("after:", json.dumps(after))
     summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
-               "test_questions": len(tests), "train_questions": len(train)}
+               "test_questions": len(tests), "train_questions": len(train), "skipped_steps": guard.skipped}
     if args.save_model and args.total_steps > 0:
-        summary["checkpoint"] = str(save_checkpoint(model, tokenizer, logger.dir / "checkpoint"))
-        if value_head is not None:
-            torch.save(value_head.state_dict(), logger.dir / "checkpoint" / "value_head.pt")
+        summary["checkpoint"] = str(save(args.total_steps - 1))
     print(json.dumps(logger.finish(summary), indent=1))
     return summary
 
