@@ -24,6 +24,10 @@ Usage (from the repository root):
     python algos/sft.py --select dominating_set           # MinPrompt-style data selection first
     python algos/sft.py --model tiny --max-steps 5        # smoke run, seconds
     python algos/sft.py --train-file my.jsonl --eval-file "" --model Qwen/Qwen2.5-0.5B-Instruct
+    python algos/sft.py --save-every 10                   # resumable checkpoint every 10 steps; after a crash:
+    python algos/sft.py --save-every 10 --resume runs/sft__1__<time>   # continues in that folder, same numbers
+    torchrun --nproc_per_node 2 algos/sft.py --model tiny # data parallel: each process --batch-size rows a step
+Non-finite steps are skipped and counted (skipped_steps); --max-bad-steps 3 in a row stop the run.
 Expected at the defaults (SmolLM2-135M, 2-core CPU): held-out loss falls several-fold and the tool decision on
 unseen questions goes from the base model's "never call a tool" to mostly right; README.md has the measured figures.
 """
@@ -47,33 +51,65 @@ import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from algos.model import (RunLogger, Rollout, arg, collate, generate, load_model, parse_args,  # noqa: E402
-                         save_checkpoint, sequence_logprobs, start_rollouts, encode_chat)
+from algos.model import (FiniteGuard, RunLogger, Rollout, all_reduce, arg, collate, data_parallel,  # noqa: E402
+                         distributed, encode_chat, generate, load_model, model_error, parse_args, sequence_logprobs,
+                         start_rollouts, sync_gradients)
+
+
+def _data_file(spec, optional=False):
+    """For `check=`: a local .json/.jsonl path must exist (anything else is taken as a hub dataset id)."""
+    if (optional and not spec) or not spec.endswith((".json", ".jsonl")) or Path(spec).is_file():
+        return None
+    return f"no such file: {spec}" if spec else "needs a file"
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _resumable(run_dir):
+    return None if not run_dir or (Path(run_dir) / "checkpoint" / "trainer_state.pt").is_file() else \
+        f"no resumable checkpoint in {run_dir} (<run>/checkpoint/trainer_state.pt)"
 
 
 @dataclass
 class Args:
     exp_name: str = arg("sft", "experiment name; the run folder is runs/<exp_name>__<seed>__<unix time>")
-    seed: int = arg(1, "seed of random, numpy and torch")
-    model: str = arg("smollm2-135m", "smollm2-135m (embedded), tiny (random, for tests), a hub id or a local folder")
-    train_file: str = arg("data/smart_er_train.jsonl", "JSONL file or hub dataset of {'messages': [...]} rows")
-    eval_file: str = arg("data/smart_er_test.jsonl", "held-out rows for the loss and the tool decision ('' = none)")
-    select: str = arg("all", "training rows: all | dominating_set (MinPrompt greedy, Chen et al.) | random")
-    select_size: int = arg(0, "with --select random: how many rows (0 = as many as dominating_set picks)")
-    max_len: int = arg(512, "tokens per row; longer rows are cut (their cut-off targets are lost)")
-    batch_size: int = arg(4, "rows per micro-batch")
-    grad_accum: int = arg(1, "micro-batches per optimiser step")
-    max_steps: int = arg(40, "optimiser steps")
-    lr: float = arg(1e-4, "peak learning rate (AdamW)")
-    warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up before the cosine decay to 0")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    eval_every: int = arg(20, "steps between held-out loss evaluations (and at start and end)")
-    eval_rows: int = arg(32, "held-out rows used for the loss (0 = all)")
-    decision_rows: int = arg(60, "held-out questions for the tool-decision accuracy at start and end (0 = skip)")
-    decision_tokens: int = arg(48, "max new tokens when probing the tool decision")
-    save_every: int = arg(0, "steps between checkpoints (0 = only at the end); each save replaces the last whole")
+    seed: int = arg(1, "seed of random, numpy and torch (every torchrun process: the same data order, its own slice)")
+    model: str = arg("smollm2-135m", "smollm2-135m (embedded), tiny (random, for tests), a hub id or a local folder",
+                     check=model_error)
+    train_file: str = arg("data/smart_er_train.jsonl", "JSONL file or hub dataset of {'messages': [...]} rows",
+                          check=_data_file)
+    eval_file: str = arg("data/smart_er_test.jsonl", "held-out rows for the loss and the tool decision ('' = none)",
+                         check=lambda v: _data_file(v, optional=True))
+    select: str = arg("all", "training rows: all | dominating_set (MinPrompt greedy, Chen et al.) | random",
+                      choices=["all", "dominating_set", "random"])
+    select_size: int = arg(0, "with --select random: how many rows (0 = as many as dominating_set picks)", low=0)
+    max_len: int = arg(512, "tokens per row; longer rows are cut (their cut-off targets are lost)", low=16)
+    batch_size: int = arg(4, "rows per micro-batch (per process under torchrun)", low=1)
+    grad_accum: int = arg(1, "micro-batches per optimiser step; a step takes batch_size * grad_accum rows in all "
+                             "(split over torchrun processes)", low=1)
+    max_steps: int = arg(40, "optimiser steps", low=1)
+    lr: float = arg(1e-4, "peak learning rate (AdamW)", check=_positive)
+    warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up before the cosine decay to 0", low=0, high=1)
+    weight_decay: float = arg(0.0, "AdamW weight decay", low=0)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm", check=_positive)
+    eval_every: int = arg(20, "steps between held-out loss evaluations (and at start and end)", low=1)
+    eval_rows: int = arg(32, "held-out rows used for the loss (0 = all)", low=0)
+    decision_rows: int = arg(60, "held-out questions for the tool-decision accuracy at start and end (0 = skip)", low=0)
+    decision_tokens: int = arg(48, "max new tokens when probing the tool decision", low=1)
+    save_every: int = arg(0, "steps between resumable checkpoints (0 = only at the end); each replaces the last whole",
+                          low=0)
+    resume: str = arg("", "RUN_DIR: continue that run from its checkpoint (model, optimizer, scheduler, RNGs, data "
+                          "order and cursor); give the same arguments (a difference is warned about)",
+                      check=_resumable)
+    max_bad_steps: int = arg(3, "stop after this many optimiser steps in a row with a non-finite loss or gradient "
+                                "(each is skipped and counted as skipped_steps)", low=1)
     output_dir: str = arg("runs", "where run folders go")
+
+    def __post_init__(self):  # rules joining several fields
+        if self.select_size and self.select != "random":
+            raise ValueError("--select-size is only used with --select random")
 
 
 # ---------------------------------------------------------------- data: loading and validation
@@ -280,14 +316,41 @@ def cosine_lr(step, total, warmup_ratio):
 
 
 @torch.no_grad()
-def heldout_loss(model, examples, pad_id, batch_size, device):
+def heldout_loss(model, examples, pad_id, batch_size, device, rank=0, world=1):
+    """Mean NLL per target token over all held-out examples (each process scores its slice; the sums are added)."""
     model.eval()
-    total, count = 0.0, 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id, device)
-        s, n = nll_sum(model, batch)
+    total, count, mine = 0.0, 0.0, examples[rank::world]
+    for i in range(0, len(mine), batch_size):
+        s, n = nll_sum(model, collate(mine[i:i + batch_size], pad_id, device))
         total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+    return all_reduce(total) / max(all_reduce(count), 1.0)
+
+
+def train_step(model, examples, optimizer, scheduler, guard, args, pad_id, device, rank=0, world=1):
+    """One optimiser step on the step's global batch `examples` (the same list in every process): this process takes
+    examples[rank::world] in micro-batches of batch_size. The loss is normalised by the target tokens of the whole
+    global batch (all_reduce), so gradient accumulation and data parallelism both equal one large batch (not a mean
+    of means); sync_gradients sums gradients over processes before clipping. A non-finite loss or gradient skips the
+    step (FiniteGuard). -> (metrics, tokens this process read)."""
+    model.train()
+    mine = examples[rank::world]
+    micro = [collate(mine[i:i + args.batch_size], pad_id, device) for i in range(0, len(mine), args.batch_size)]
+    n_tokens = all_reduce(float(sum(b["loss_mask"].sum() for b in micro)))  # global target tokens of the step
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    loss_sum, tokens = 0.0, 0
+    for batch in micro:
+        with autocast:
+            s, _ = nll_sum(model, batch)
+        (s / n_tokens).backward()
+        loss_sum, tokens = loss_sum + float(s.detach()), tokens + int(batch["attention_mask"].sum())
+    sync_gradients(model)  # each gradient becomes its sum over processes (no-op in one process)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    loss = all_reduce(loss_sum) / n_tokens
+    if guard.ok(loss, grad_norm):
+        optimizer.step()
+    scheduler.step(), optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+            "skipped_steps": guard.skipped}, tokens
 
 
 def tool_decision(text):
@@ -316,69 +379,85 @@ def decision_accuracy(model, tokenizer, rows, max_new_tokens):
 
 
 # ---------------------------------------------------------------- training
+def warn_changed_args(run_dir, args):
+    """Resuming with other arguments than the run's args.json is allowed (more steps...), but said on stderr
+    (--output-dir is not compared: the run continues in RUN_DIR)."""
+    saved = json.loads((Path(run_dir) / "args.json").read_text()) if (Path(run_dir) / "args.json").exists() else {}
+    changed = {k: (saved[k], v) for k, v in vars(args).items() if k in saved and k not in ("resume", "output_dir")
+               and saved[k] != v}
+    if changed:
+        print(f"warning: resuming {run_dir} with other arguments (saved -> now): {changed}", file=sys.stderr)
+
+
 def main(args):
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    rank, world = distributed()  # torchrun: join the process group (before load_model); else (0, 1)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)  # no sampling: same on all ranks
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train_rows = select_rows(load_rows(args.train_file), args.select, args.select_size, args.seed)
     eval_rows = load_rows(args.eval_file) if args.eval_file else []
-    model, tokenizer = load_model(args.model, device)
+    if args.resume:
+        warn_changed_args(args.resume, args)
+    model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model, device)
+    data_parallel(model)  # torchrun: rank 0's parameters to all processes; gradients summed in sync_gradients
     pad = tokenizer.pad_token_id
     train = tokenize(tokenizer, train_rows, args.max_len)
     held = tokenize(tokenizer, eval_rows[:args.eval_rows or None], args.max_len)
     probe = [r for r in eval_rows if "needs_tool" in r][:args.decision_rows]
     if not train:
         raise ValueError(f"{args.train_file}: no row has an assistant token within --max-len {args.max_len}")
-    logger = RunLogger(args.exp_name, args.seed, args, args.output_dir)
-    print(f"run folder {logger.dir}; {len(train)} training rows ({args.select}), {len(held)} held-out rows")
-
-    summary = {"train_rows": len(train)}
-    if held:
-        summary["eval_loss_start"] = heldout_loss(model, held, pad, args.batch_size, device)
-    if probe:
-        start, texts = decision_accuracy(model, tokenizer, probe, args.decision_tokens)
-        summary.update({f"{k}_start": v for k, v in start.items()})
+    logger = RunLogger(args.exp_name, args.seed, args, args.output_dir, resume=args.resume)
+    say = print if logger.main else (lambda *a, **k: None)
+    say(f"run folder {logger.dir}; {len(train)} training rows ({args.select}), {len(held)} held-out rows, "
+        f"{world} process(es)")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, args.max_steps,
                                                                                   args.warmup_ratio))
-    order, cursor, tokens_seen, t0 = [], 0, 0, time.time()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    for step in tqdm(range(1, args.max_steps + 1), desc="sft", disable=None):
-        model.train()
-        micro = []
-        for _ in range(args.grad_accum):  # draw the step's micro-batches from a reshuffled epoch order
+    guard = FiniteGuard(args.max_bad_steps)
+    state = {"step": 0, "order": [], "cursor": 0, "tokens_seen": 0, "train_time": 0.0, "metrics": {},
+             "summary": {"train_rows": len(train)}}
+    if args.resume:  # optimizer, scheduler and RNGs in place; data order, cursor, counters and start metrics back
+        state.update(logger.restore(optimizer, scheduler))
+        guard.in_a_row, guard.skipped = state["guard"]
+    else:
+        if held:
+            state["summary"]["eval_loss_start"] = heldout_loss(model, held, pad, args.batch_size, device, rank, world)
+        if probe and logger.main:
+            start, texts = decision_accuracy(model, tokenizer, probe, args.decision_tokens)
+            state["summary"].update({f"{k}_start": v for k, v in start.items()})
+    summary, metrics, order, cursor = state["summary"], state["metrics"], state["order"], state["cursor"]
+    tokens_seen, t0 = state["tokens_seen"], time.time() - state["train_time"]
+
+    def save(step):
+        return logger.save(step, model, tokenizer, optimizer, scheduler, order=order, cursor=cursor, tokens_seen=tokens_seen,
+                    train_time=time.time() - t0, metrics=metrics, summary=summary, guard=(guard.in_a_row,
+                                                                                          guard.skipped))
+
+    for step in tqdm(range(state["step"] + 1, args.max_steps + 1), desc="sft", disable=None if logger.main else True):
+        batch = []
+        for _ in range(args.grad_accum * world):  # the step's global batch, from a reshuffled epoch order
             if cursor + args.batch_size > len(order):
                 order, cursor = random.sample(range(len(train)), len(train)), 0
-            micro.append(collate([train[i] for i in order[cursor:cursor + args.batch_size]], pad, device))
+            batch += [train[i] for i in order[cursor:cursor + args.batch_size]]
             cursor += args.batch_size
-        # normalise by all target tokens of the step, so accumulation equals one large batch (not a mean of means)
-        n_tokens = sum(b["loss_mask"].sum() for b in micro)
-        loss_total = 0.0
-        for batch in micro:
-            with autocast:
-                s, _ = nll_sum(model, batch)
-            (s / n_tokens).backward()
-            loss_total += float(s.detach())
-            tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": loss_total / float(n_tokens), "grad_norm": float(grad_norm),
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen / (time.time() - t0)}
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"step {step}: non-finite loss {metrics['loss']}")
+        metrics, tokens = train_step(model, batch, optimizer, scheduler, guard, args, pad, device, rank, world)
+        tokens_seen += int(all_reduce(tokens))
+        metrics["tokens_per_s"] = tokens_seen / (time.time() - t0)
         if held and (step % args.eval_every == 0 or step == args.max_steps):
-            metrics["eval_loss"] = heldout_loss(model, held, pad, args.batch_size, device)
+            metrics["eval_loss"] = heldout_loss(model, held, pad, args.batch_size, device, rank, world)
         logger.log(step, metrics)
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(model, tokenizer, logger.dir / "checkpoint")
+        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
+            save(step)
 
     train_time = time.time() - t0
-    checkpoint = save_checkpoint(model, tokenizer, logger.dir / "checkpoint")
-    summary.update({"final_loss": metrics["loss"], "train_time_s": round(train_time, 2),
-                    "tokens_per_s": round(tokens_seen / train_time, 1), "checkpoint": str(checkpoint)})
+    checkpoint = save(args.max_steps)
+    summary.update({"final_loss": metrics.get("loss"), "train_time_s": round(train_time, 2),
+                    "tokens_per_s": round(tokens_seen / train_time, 1), "checkpoint": str(checkpoint),
+                    "skipped_steps": guard.skipped})
     if held:
-        summary["eval_loss_end"] = metrics.get("eval_loss", heldout_loss(model, held, pad, args.batch_size, device))
-    if probe:
+        summary["eval_loss_end"] = metrics.get("eval_loss") or heldout_loss(model, held, pad, args.batch_size,
+                                                                              device, rank, world)
+    if probe and logger.main:
         end, texts = decision_accuracy(model, tokenizer, probe, args.decision_tokens)
         summary.update({f"{k}_end": v for k, v in end.items()})
         with open(logger.dir / "decisions.jsonl", "w") as f:
@@ -386,7 +465,7 @@ def main(args):
                 f.write(json.dumps({"id": row.get("id"), "needs_tool": row["needs_tool"], "completion": text,
                                     "decision": tool_decision(text)}) + "\n")
     summary = logger.finish(summary)
-    print(json.dumps(summary, indent=2))
+    say(json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,0 +1,163 @@
+"""algos/sft.py robustness (issue 14): parse-time argument checks, --resume after a real SIGKILL continues with the
+same numbers, non-finite steps skipped and counted (FiniteGuard), and torchrun data parallelism equal to one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import algos.sft as sft
+from algos.model import FiniteGuard, load_model, parse_args
+from algos.sft import Args, load_rows, tokenize, train_step, warn_changed_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "data" / "smart_er_train.jsonl"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ALGORITHMIC = ("loss", "grad_norm", "lr", "skipped_steps", "eval_loss")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--lr", "0"], "--lr"), (["--select", "best"], "--select"), (["--model", "no/such/dir/x"], "--model"),
+    (["--batch-size", "0"], "--batch-size"), (["--warmup-ratio", "1.5"], "--warmup-ratio"),
+    (["--train-file", "missing.jsonl"], "--train-file"), (["--eval-file", "nope.jsonl"], "--eval-file"),
+    (["--resume", "/nonexistent/run"], "--resume"), (["--max-bad-steps", "0"], "--max-bad-steps"),
+    (["--select-size", "5"], "--select-size"),  # a cross-field rule (__post_init__): only with --select random
+])
+def test_bad_arguments_are_usage_errors_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(Args, argv)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_bad_arguments_stop_the_command_line_before_any_model_loads(tmp_path):
+    for argv, flag in ((["--max-steps", "0"], "--max-steps"), (["--model", str(tmp_path / "none")], "--model")):
+        t = time.time()
+        out = subprocess.run([sys.executable, "algos/sft.py", *argv, "--output-dir", str(tmp_path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, env=ENV)
+        assert out.returncode == 2 and flag in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert list(tmp_path.iterdir()) == [] and time.time() - t < 60
+
+
+def test_changed_arguments_on_resume_are_warned_about(tmp_path, capsys):
+    (tmp_path / "args.json").write_text(json.dumps({**vars(Args()), "max_steps": 10}))
+    warn_changed_args(tmp_path, Args(max_steps=10, resume=str(tmp_path)))
+    assert capsys.readouterr().err == ""
+    warn_changed_args(tmp_path, Args(max_steps=20, lr=1e-3))
+    err = capsys.readouterr().err
+    assert "warning" in err and "'max_steps': (10, 20)" in err and "lr" in err
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigkill_continues_with_the_same_numbers(tmp_path):
+    steps = 8
+    cmd = [sys.executable, "algos/sft.py", "--model", "tiny", "--max-steps", str(steps), "--batch-size", "2",
+           "--max-len", "256", "--lr", "1e-3", "--eval-rows", "2", "--eval-every", "2", "--decision-rows", "0",
+           "--save-every", "1"]
+    whole = subprocess.Popen(cmd + ["--output-dir", str(tmp_path / "whole")], cwd=ROOT, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cut = subprocess.Popen(cmd + ["--output-dir", str(tmp_path / "cut")], cwd=ROOT, env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and cut.poll() is None:
+        runs = list((tmp_path / "cut").glob("*/checkpoint/trainer_state.pt"))
+        if runs and (runs[0].parents[1] / "metrics.jsonl").exists() and len(rows(runs[0].parents[1])) >= 2:
+            break
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGKILL)  # a real kill, mid-run: no handler, no clean-up
+    assert cut.wait(30) == -signal.SIGKILL
+    (run,) = (tmp_path / "cut").iterdir()
+    saved = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
+    assert 1 <= saved < steps and not (run / "summary.json").exists()
+    out = subprocess.run(cmd + ["--resume", str(run)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr[-3000:]
+    assert whole.wait(300) == 0, whole.stderr.read()[-3000:]
+    (full,) = (tmp_path / "whole").iterdir()
+    resumed, expected = rows(run), rows(full)
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1)) == [r["step"] for r in expected]
+    for a, b in zip(resumed, expected):
+        assert a.keys() == b.keys()
+        torch.testing.assert_close({k: a[k] for k in ALGORITHMIC if k in a}, {k: b[k] for k in ALGORITHMIC if k in b})
+    assert json.loads((run / "summary.json").read_text())["eval_loss_end"] == pytest.approx(
+        json.loads((full / "summary.json").read_text())["eval_loss_end"])
+
+
+def test_non_finite_loss_skips_the_step_and_stops_after_max_bad_steps(monkeypatch):
+    model, tokenizer = load_model("tiny", device="cpu")
+    args = Args(model="tiny", batch_size=2, max_bad_steps=2)
+    examples = tokenize(tokenizer, load_rows(str(TRAIN))[:2], 320)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    guard, pad = FiniteGuard(args.max_bad_steps), tokenizer.pad_token_id
+    before = [p.detach().clone() for p in model.parameters()]
+    nll = sft.nll_sum
+    monkeypatch.setattr(sft, "nll_sum", lambda m, b: (nll(m, b)[0] * float("nan"), nll(m, b)[1]))
+    metrics, _ = train_step(model, examples, optimizer, scheduler, guard, args, pad, "cpu")
+    assert metrics["skipped_steps"] == 1 and guard.in_a_row == 1
+    for p, q in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)  # the optimizer did not step
+        assert p.grad is None  # and the NaN gradients are gone
+    monkeypatch.setattr(sft, "nll_sum", nll)  # a finite step resets the run of bad ones and moves the parameters
+    metrics, _ = train_step(model, examples, optimizer, scheduler, guard, args, pad, "cpu")
+    assert metrics["skipped_steps"] == 1 and guard.in_a_row == 0 and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
+    monkeypatch.setattr(sft, "nll_sum", lambda m, b: (nll(m, b)[0] * float("inf"), nll(m, b)[1]))
+    train_step(model, examples, optimizer, scheduler, guard, args, pad, "cpu")
+    with pytest.raises(FloatingPointError, match="2 optimizer steps in a row"):
+        train_step(model, examples, optimizer, scheduler, guard, args, pad, "cpu")
+
+
+DRIVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from algos.model import FiniteGuard, data_parallel, distributed, load_model
+from algos.sft import Args, load_rows, tokenize, train_step
+rank, world = distributed()
+model, tokenizer = load_model("tiny", "cpu")
+data_parallel(model)
+args = Args(model="tiny", batch_size=2, max_grad_norm=0.05)  # a clip that bites: the global norm is the one clipped
+examples = tokenize(tokenizer, load_rows({train!r})[:5], 320)  # 5 rows: 3 + 2, so 2 and 1 micro-batches per rank
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+metrics, _ = train_step(model, examples, optimizer, scheduler, FiniteGuard(3), args, tokenizer.pad_token_id, "cpu",
+                        rank, world)
+if rank == 0:
+    torch.save({{"params": [p.detach() for p in model.parameters()], "metrics": metrics}}, sys.argv[1])
+"""
+
+
+def test_two_processes_update_equals_one_process(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=str(ROOT), train=str(TRAIN)))
+    one = subprocess.run([sys.executable, str(driver), str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(driver), str(tmp_path / "two.pt")], capture_output=True, text=True, timeout=300, env=ENV)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    before, _ = load_model("tiny", device="cpu")
+    assert any(not torch.equal(p, q.detach()) for p, q in zip(a["params"], before.parameters()))  # it did step
+    torch.testing.assert_close(a["params"], b["params"])
+    for k in ("loss", "grad_norm"):
+        assert a["metrics"][k] == pytest.approx(b["metrics"][k], rel=1e-6)
+
+
+def test_torchrun_smoke_run_of_the_script(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "algos/sft.py",
+           "--model", "tiny", "--max-steps", "2", "--batch-size", "2", "--max-len", "320", "--eval-rows", "4",
+           "--eval-every", "1", "--decision-rows", "2", "--decision-tokens", "4", "--output-dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = tmp_path.iterdir()  # one run folder: only rank 0 writes
+    assert [r["step"] for r in rows(run)] == [1, 2] and all(r["skipped_steps"] == 0 for r in rows(run))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_loss_end"] > 0 and 0 <= summary["decision_acc_end"] <= 1
+    assert (run / "checkpoint" / "trainer_state.pt").exists() and (run / "checkpoint" / "config.json").exists()
