@@ -31,6 +31,7 @@ reward before/after with its interval, BFCL); the warm start is what brings the 
 import copy
 import functools
 import json
+import os
 import random
 import re
 import sys
@@ -45,55 +46,96 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from algos.model import (RunLogger, arg, collate, generate, load_model, parse_args, render_chat,  # noqa: E402
-                         save_checkpoint, sequence_logprobs, start_rollouts)
-from kernels.advantage import group_advantages, policy_loss  # noqa: E402
+from algos.model import (FiniteGuard, RunLogger, all_reduce, arg, collate, data_parallel, distributed,  # noqa: E402
+                         generate, load_model, model_error, parse_args, render_chat, sequence_logprobs,
+                         start_rollouts, sync_gradients)
+from kernels.advantage import LOSS_TYPES, group_advantages, policy_loss  # noqa: E402
+
+
+def positive(value):
+    return None if value > 0 else "must be > 0"
+
+
+def data_file(path):  # checked at parse time, before a model is loaded
+    return None if Path(path).is_file() else \
+        f"{path} not found: run `python data/make_toolrl_bfcl.py --out-dir data/generated` first"
 
 
 @dataclass
 class Args:
     exp_name: str = arg("grpo_toolrl", "run name; the run folder is runs/<exp_name>__<seed>__<time>")
     seed: int = arg(1, "seed for python, numpy and torch")
-    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. an SFT checkpoint)")
-    train_file: str = arg("data/generated/toolrl_train.jsonl", "ToolRL records (data/make_toolrl_bfcl.py)")
-    eval_file: str = arg("data/generated/bfcl_eval.jsonl", "BFCL eval records (data/make_toolrl_bfcl.py)")
-    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 6 on CPU, 100 on GPU")
-    prompts_per_step: int = arg(0, "prompts per step; 0 = auto: 4 on CPU, 64 on GPU (paper: 512)")
-    group_size: int = arg(4, "samples per prompt G (paper: 4)")
-    max_new_tokens: int = arg(0, "completion length limit; 0 = auto: 80 on CPU, 512 on GPU (paper: 1024)")
-    max_prompt_tokens: int = arg(0, "drop training prompts longer than this; 0 = auto: 320 on CPU, 2048 on GPU")
-    eval_max_prompt_tokens: int = arg(0, "drop BFCL items longer than this; 0 = auto: 512 on CPU, 4096 on GPU")
-    temperature: float = arg(1.0, "sampling temperature (paper: 1.0)")
-    lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 1.5B-7B models and ~105 steps)")
-    num_minibatches: int = arg(2, "optimizer steps per rollout batch (paper: batch 512 / minibatch 128 = 4)")
-    ppo_epochs: int = arg(1, "passes over the rollout batch (verl's ppo_epochs)")
-    micro_batch_tokens: int = arg(0, "tokens per forward/backward, a shared prompt once; 0 = auto: 1024 CPU, 16384 GPU")
+    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. an SFT checkpoint)",
+                     check=model_error)
+    train_file: str = arg("data/generated/toolrl_train.jsonl", "ToolRL records (data/make_toolrl_bfcl.py)",
+                          check=data_file)
+    eval_file: str = arg("data/generated/bfcl_eval.jsonl", "BFCL eval records (data/make_toolrl_bfcl.py)",
+                         check=data_file)
+    total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 6 on CPU, 100 on GPU", low=0)
+    prompts_per_step: int = arg(0, "prompts per step; 0 = auto: 4 on CPU, 64 on GPU (paper: 512)", low=0)
+    group_size: int = arg(4, "samples per prompt G (paper: 4); a group of one has no baseline", low=2)
+    max_new_tokens: int = arg(0, "completion length limit; 0 = auto: 80 on CPU, 512 on GPU (paper: 1024)", low=0)
+    max_prompt_tokens: int = arg(0, "drop training prompts longer than this; 0 = auto: 320 on CPU, 2048 on GPU",
+                                 low=0)
+    eval_max_prompt_tokens: int = arg(0, "drop BFCL items longer than this; 0 = auto: 512 on CPU, 4096 on GPU", low=0)
+    temperature: float = arg(1.0, "sampling temperature (paper: 1.0)", check=positive)
+    lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 1.5B-7B models and ~105 steps)", low=0.0)
+    num_minibatches: int = arg(2, "optimizer steps per rollout batch (paper: batch 512 / minibatch 128 = 4)", low=1)
+    ppo_epochs: int = arg(1, "passes over the rollout batch (verl's ppo_epochs)", low=1)
+    micro_batch_tokens: int = arg(0, "tokens per forward/backward, a shared prompt once; 0 = auto: 1024 CPU, 16384 GPU",
+                                  low=0)
     shared_prefix: bool = arg(True, "a prompt runs once for its G samples (exact); false: every sequence on its own")
     checkpointing: bool = arg(False, "activation checkpointing per decoder layer (less memory, a second forward)")
-    clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)")
-    clip_high: float = arg(0.2, "PPO clip epsilon above 1 (DAPO uses 0.28; paper: 0.2)")
-    beta: float = arg(0.0, "k3 KL coefficient to a frozen reference (paper drops KL: 0; GRPO/DeepSeekMath: 0.04)")
-    loss_type: str = arg("grpo", "grpo (sequence mean, DeepSeekMath) | bnpo | dr_grpo (Liu et al.) | dapo (Yu et al.)")
-    adv_scale: str = arg("group", "advantage scaling: group std (GRPO) | batch std | none (Dr. GRPO)")
-    adv_eps: float = arg(1e-6, "advantage epsilon (verl, the paper's code: 1e-6; TRL: 1e-4)")
-    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl)")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    matching: str = arg("greedy", "call matching: greedy (released code) | optimal (paper's text)")
-    granularity: str = arg("finest", "reward granularity (paper Sec. 5): finest | fine | intermediate | coarse")
-    schedule: str = arg("none", "reward scale schedule (paper Sec. 5): none | dynamic | two_stage")
-    two_stage_step: int = arg(30, "two_stage: step where correctness range x3 and format range /2 (code: 30)")
+    clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)", low=0.0, high=1.0)
+    clip_high: float = arg(0.2, "PPO clip epsilon above 1 (DAPO uses 0.28; paper: 0.2)", low=0.0)
+    beta: float = arg(0.0, "k3 KL coefficient to a frozen reference (paper drops KL: 0; GRPO/DeepSeekMath: 0.04)",
+                      low=0.0)
+    loss_type: str = arg("grpo", "grpo (sequence mean, DeepSeekMath) | bnpo | dr_grpo (Liu et al.) | dapo (Yu et al.)",
+                         choices=LOSS_TYPES)
+    adv_scale: str = arg("group", "advantage scaling: group std (GRPO) | batch std | none (Dr. GRPO)",
+                         choices=("group", "batch", "none"))
+    adv_eps: float = arg(1e-6, "advantage epsilon (verl, the paper's code: 1e-6; TRL: 1e-4)", check=positive)
+    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl)",
+                        choices=("sampler", "recompute"))
+    max_grad_norm: float = arg(1.0, "gradient clipping", check=positive)
+    matching: str = arg("greedy", "call matching: greedy (released code) | optimal (paper's text)",
+                        choices=("greedy", "optimal"))
+    granularity: str = arg("finest", "reward granularity (paper Sec. 5): finest | fine | intermediate | coarse",
+                           choices=("finest", "fine", "intermediate", "coarse"))
+    schedule: str = arg("none", "reward scale schedule (paper Sec. 5): none | dynamic | two_stage",
+                        choices=("none", "dynamic", "two_stage"))
+    two_stage_step: int = arg(30, "two_stage: step where correctness range x3 and format range /2 (code: 30)", low=0)
     equal_max: bool = arg(False, "ablation: R_correct in [-1, 1] (equal max with format)")
-    length_reward: str = arg("none", "ablation: none | fixed (+min(think words/512, 1)) | dynamic (target 384->640)")
-    eval_per_category: int = arg(0, "BFCL items per category (fixed hashed subset); 0 = auto: 6 CPU, all GPU; -1 all")
-    eval_max_new_tokens: int = arg(0, "greedy tokens at BFCL evaluation; 0 = auto: 128 on CPU, 1024 on GPU")
-    gen_batch_size: int = arg(32, "sequences per generation batch")
+    length_reward: str = arg("none", "ablation: none | fixed (+min(think words/512, 1)) | dynamic (target 384->640)",
+                             choices=("none", "fixed", "dynamic"))
+    eval_per_category: int = arg(0, "BFCL items per category (fixed hashed subset); 0 = auto: 6 CPU, all GPU; -1 all",
+                                 low=-1)
+    eval_max_new_tokens: int = arg(0, "greedy tokens at BFCL evaluation; 0 = auto: 128 on CPU, 1024 on GPU", low=0)
+    gen_batch_size: int = arg(32, "sequences per generation batch", low=1)
     heldout_file: str = arg("data/generated/toolrl_dev.jsonl", "held-out live prompts (those that fit "
-                                                               "eval_max_prompt_tokens): greedy reward; '' = none")
+                            "eval_max_prompt_tokens): greedy reward; '' = none", check=lambda p: p and data_file(p))
     eval_only: bool = arg(False, "only measure BFCL accuracy of --model (no training)")
-    save_model: bool = arg(True, "save the trained model to <run>/checkpoint")
+    save_model: bool = arg(True, "save the trained model to <run>/checkpoint (resumable, as --save-every)")
+    save_every: int = arg(0, "save the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
+    resume: str = arg("", "a run folder: continue its run from <run>/checkpoint (give the same arguments)",
+                      check=lambda run: run and not Path(run, "checkpoint", "trainer_state.pt").is_file() and
+                      f"no resumable checkpoint in {run} (no checkpoint/trainer_state.pt: see --save-every)")
+    max_bad_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss or gradient",
+                             low=1)
     runs_dir: str = arg("runs", "folder that receives the run folder")
+
+    def __post_init__(self):  # rules joining several fields, on the values main will use (auto resolved)
+        r = resolve_defaults(copy.copy(self))
+        units = r.prompts_per_step * (1 if r.shared_prefix else r.group_size)  # what minibatches are drawn from
+        if r.total_steps and units % r.num_minibatches:
+            raise ValueError(f"--num-minibatches {r.num_minibatches} must divide the {units} "
+                             f"{'groups' if r.shared_prefix else 'rows'} of a step (--prompts-per-step)")
+        if r.total_steps and r.prompts_per_step % int(os.environ.get("WORLD_SIZE", 1)):  # whole groups per process
+            raise ValueError(f"--prompts-per-step {r.prompts_per_step} must split evenly over the "
+                             f"{os.environ['WORLD_SIZE']} processes of torchrun")
 
 
 def resolve_defaults(args):
@@ -370,8 +412,7 @@ def load_jsonl(path, fields):
                 raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{i}: not a JSON object")
-            missing = [k for k in fields if k not in row]
-            if missing:
+            if missing := [k for k in fields if k not in row]:
                 raise ValueError(f"{path}:{i}: missing field {missing[0]!r}")
             if isinstance(row.get("ground_truth"), str) and "<tool_call>" in row["ground_truth"] and \
                     parse_tool_calls(row["ground_truth"]) is None:
@@ -389,33 +430,70 @@ def strip_eos(text, tokenizer):
     return text.split(tokenizer.eos_token)[0]
 
 
+@functools.lru_cache(maxsize=2)
+def _pass_order(n, seed, epoch):
+    order = list(range(n))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def prompts_at(rows, seed, start, count):
+    """rows at positions start..start+count-1 of an endless stream of passes over rows, each pass in its own fixed
+    shuffle: a pure function of the position, so all processes agree and a resumed run continues the stream."""
+    return [rows[_pass_order(len(rows), seed, p // len(rows))[p % len(rows)]] for p in range(start, start + count)]
+
+
+def gather(x):
+    """[x of each process] in rank order (any picklable x); [x] in one process."""
+    out = [x] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(out, x)
+    return out
+
+
+def rng_state(state=None):
+    """This process's RNG states (python, numpy, torch, cuda); with `state`: set them."""
+    if state is None:
+        return [random.getstate(), np.random.get_state(), torch.get_rng_state()] + \
+            ([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
+    random.setstate(state[0]), np.random.set_state(state[1]), torch.set_rng_state(state[2])
+    if len(state) > 3:
+        torch.cuda.set_rng_state(state[3])
+
+
 # ---------------------------------------------------------------- rollout and evaluation
 @torch.no_grad()
+def greedy(model, tokenizer, rows, max_new_tokens, args):
+    """Greedy completions (EOS cut) of records in order; under torchrun each process completes every world-th one."""
+    rank, world = distributed()
+    part = rows[rank::world]
+    rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in part])
+    texts = gather([strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, max_new_tokens, 0.0,
+                                                              batch_size=args.gen_batch_size)])
+    return [texts[i % world][i // world] for i in range(len(rows))]
+
+
 def evaluate(model, tokenizer, items, args, path):
     """Greedy completion per BFCL item -> accuracy per category and overall; one prediction per line in path."""
-    order = sorted(range(len(items)), key=lambda i: len(json.dumps(items[i]["tools"])))  # less padding per batch
-    rollouts = start_rollouts(tokenizer, [build_messages(items[i]["tools"], items[i]["dialogue"]) for i in order])
-    texts = generate(model, tokenizer, rollouts, args.eval_max_new_tokens, 0.0, batch_size=args.gen_batch_size)
-    per_cat = {}
-    with open(path, "w") as f:
-        for i, text in zip(order, texts):
-            item, text = items[i], strip_eos(text, tokenizer)
-            calls = parse_bfcl_calls(text)
-            ok, error = bfcl_check(calls, item["possible_answer"], item["tools"], item["category"])
-            per_cat.setdefault(item["category"], []).append(ok)
-            f.write(json.dumps({"id": item["id"], "category": item["category"], "correct": ok, "error": error,
-                                "completion": text, "calls": calls}, ensure_ascii=False) + "\n")
+    items = sorted(items, key=lambda r: len(json.dumps(r["tools"])))  # less padding per batch
+    per_cat, preds = {}, []
+    for item, text in zip(items, greedy(model, tokenizer, items, args.eval_max_new_tokens, args)):
+        calls = parse_bfcl_calls(text)
+        ok, error = bfcl_check(calls, item["possible_answer"], item["tools"], item["category"])
+        per_cat.setdefault(item["category"], []).append(ok)
+        preds.append(json.dumps({"id": item["id"], "category": item["category"], "correct": ok, "error": error,
+                                 "completion": text, "calls": calls}, ensure_ascii=False) + "\n")
+    if distributed()[0] == 0:
+        Path(path).write_text("".join(preds))
     acc = {f"bfcl/{c}": float(np.mean(v)) for c, v in sorted(per_cat.items())}
     acc["bfcl/overall"] = float(np.mean([ok for v in per_cat.values() for ok in v])) if per_cat else 0.0
     return acc
 
 
-@torch.no_grad()
 def heldout_rewards(model, tokenizer, rows, args):
     """Greedy ToolRL reward (format + correctness, no schedule) of each held-out prompt, in the order given."""
-    rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in rows])
-    texts = generate(model, tokenizer, rollouts, args.max_new_tokens, temperature=0.0, batch_size=args.gen_batch_size)
-    return [toolrl_reward(strip_eos(t, tokenizer), r["ground_truth"])["total"] for t, r in zip(texts, rows)]
+    texts = greedy(model, tokenizer, rows, args.max_new_tokens, args)
+    return [toolrl_reward(t, r["ground_truth"])["total"] for t, r in zip(texts, rows)]
 
 
 def paired_bootstrap(before, after, samples=10000, seed=0):
@@ -461,24 +539,33 @@ def _logprobs_in_chunks(model, data, args):
     return out
 
 
-def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
-    """Steps 4-5 of a GRPO iteration on one rollout batch (collated (N, T) tensors, advantages (N,)): old_logp and
-    ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over token-sized micro-batches.
-    Without a KL term (beta = 0) a sequence with advantage 0 has exactly zero gradient: it is skipped (the weights
-    still count it: the same update). Returns token-weighted means of the loss metrics and the mean grad_norm."""
+def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=None, seed=0):
+    """Steps 4-5 of a GRPO iteration on this process's rows of a rollout batch (collated (N, T) tensors, advantages
+    (N,)): old_logp and ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over token-sized
+    micro-batches. Minibatches split a permutation (from `seed`: the same in every process) of the whole batch's
+    groups (or rows), and losses are normalised by each minibatch's global row and token counts: under torchrun the
+    summed gradient (sync_gradients) is the one-process one. Without a KL term (beta = 0) a sequence with advantage 0
+    has exactly zero gradient: it is skipped (the weights still count it: the same update). A non-finite loss or
+    gradient skips the step (guard). Returns token-weighted means of the loss metrics over all processes, the mean
+    grad_norm and the guard's skipped_steps."""
+    rank, guard = distributed()[0], guard or FiniteGuard(args.max_bad_steps)
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
     assert loss_mask.sum() > 0, "empty loss_mask"
     active = (advantages != 0) | (args.beta > 0)  # (N,)
     old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
     ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
-    stats, unit = {}, args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
+    unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
+    counts = gather(len(loss_mask) // unit)  # units per process; this one holds units first .. first + n - 1
+    first, n, gen = sum(counts[:rank]), counts[rank], torch.Generator().manual_seed(seed)
+    keys = ["policy_loss", "clipfrac", "approx_kl", "ratio_mean"] + ["kl"] * (ref_logp is not None)
+    sums, norms = torch.zeros(len(keys) + 1, dtype=torch.float64), []  # token-weighted sums, then tokens
     for epoch in range(args.ppo_epochs):
-        perm, per = torch.randperm(len(loss_mask) // unit), len(loss_mask) // unit // args.num_minibatches
-        assert per > 0, f"{len(perm)} groups (or rows) cannot fill {args.num_minibatches} minibatches"
-        for m, idx in enumerate((perm[m * per:(m + 1) * per, None] * unit + torch.arange(unit)).flatten()
-                                for m in range(args.num_minibatches)):
-            mini_tokens = float(loss_mask[idx].sum())
+        for m, units in enumerate(torch.randperm(sum(counts), generator=gen).view(args.num_minibatches, -1)):
+            units = units[(units >= first) & (units < first + n)] - first  # this process's share of minibatch m
+            idx = (units[:, None] * unit + torch.arange(unit)).flatten()  # its rows
+            mini_rows, mini_tokens = all_reduce(float(len(idx))), all_reduce(float(loss_mask[idx].sum()))
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
+            mini_loss = 0.0
             for k, mb in enumerate(micro_batches(data, idx[active[idx].cpu()], args)):
                 logp = _logprobs(model, data, mb, args)  # (b, width)
                 width = logp.shape[1]
@@ -487,29 +574,35 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None):
                     None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
                 n_tok = float(loss_mask[mb].sum())
-                (loss * micro_weight(args.loss_type, len(mb), len(idx), n_tok, mini_tokens)).backward()
+                weighted = loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)
+                weighted.backward()
+                mini_loss += weighted.item()
                 if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
                     ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
                     assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
                         f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
                 assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
-                for k, v in [("policy_loss", loss.item())] + [(k, float(v)) for k, v in metrics.items()]:
-                    stats.setdefault(k, []).append((v, n_tok))
+                sums += torch.tensor([loss.item() * n_tok] + [float(metrics[k]) * n_tok for k in keys[1:]] + [n_tok])
+            sync_gradients(model)  # each gradient: its sum over processes
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            stats.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
-            optimizer.step()
-    return {k: sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1e-9) for k, vals in stats.items()}
+            if guard.ok(all_reduce(mini_loss), grad_norm):  # the same decision in every process
+                optimizer.step()
+            norms.append(float(grad_norm))
+    sums = all_reduce(sums)
+    return {**{k: float(s / max(sums[-1], 1e-9)) for k, s in zip(keys, sums)}, "grad_norm": float(np.mean(norms)),
+            "skipped_steps": guard.skipped}
 
 
 def main(args):
     args = resolve_defaults(args)
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    rank, world = distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # sampling
+    model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
     device = next(model.parameters()).device
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
-    for path in (args.train_file, args.eval_file) + ((args.heldout_file,) if args.heldout_file else ()):
-        if not Path(path).exists():
-            sys.exit(f"{path} not found: run `python data/make_toolrl_bfcl.py --out-dir data/generated` first")
+    ref_model = None if args.beta == 0 else (load_model(args.model)[0] if args.resume else copy.deepcopy(model))
+    ref_model = ref_model and ref_model.requires_grad_(False)  # the starting model, frozen
+    data_parallel(model)  # under torchrun: rank 0's weights everywhere, gradients summed by sync_gradients
     train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
     heldout = [r for r in load_jsonl(args.heldout_file, ["id", "tools", "dialogue", "ground_truth"])
                if fits(tokenizer, r, args.eval_max_prompt_tokens)] if args.heldout_file else []
@@ -524,60 +617,72 @@ def main(args):
                                                            len(by_cat.get(r["category"], [])) < args.eval_per_category):
             by_cat.setdefault(r["category"], []).append(r)
     evals = [r for v in by_cat.values() for r in v]
-    print(f"train prompts: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; held-out prompts: "
-          f"{len(heldout)}; eval items: " + ", ".join(f"{c} {len(v)}" for c, v in by_cat.items()))
-    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir)
-
-    # 0. BFCL accuracy and held-out ToolRL reward of the starting model
-    t0 = time.time()
-    first = "predictions.jsonl" if args.total_steps == 0 else "predictions_before.jsonl"
-    before = evaluate(model, tokenizer, evals, args, logger.dir / first) if evals else {}
-    heldout_before = heldout_rewards(model, tokenizer, heldout, args) if heldout else []
-    before.update({"heldout/reward": float(np.mean(heldout_before))} if heldout else {})
-    print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
-
+    say(f"train prompts: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; held-out prompts: "
+        f"{len(heldout)}; eval items: " + ", ".join(f"{c} {len(v)}" for c, v in by_cat.items()))
+    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    B, G = args.prompts_per_step, args.group_size
+    guard, B, G = FiniteGuard(args.max_bad_steps), args.prompts_per_step, args.group_size
+    b = B // world  # prompts per process: whole groups
 
-    def prompt_stream(order=list(range(len(train)))):  # endless reshuffled passes over the training prompts
-        while True:
-            random.shuffle(order)
-            yield from (train[i] for i in order)
-    stream = prompt_stream()
+    if args.resume:  # the model was loaded from the checkpoint; optimizer, RNGs, prompt position, guard, 'before'
+        saved = json.loads((logger.dir / "args.json").read_text())
+        changed = {k: (v, getattr(args, k)) for k, v in saved.items() if k != "resume" and getattr(args, k, v) != v}
+        _ = changed and say(f"warning: resumed with arguments other than in args.json (was, now): {changed}",
+                            file=sys.stderr)
+        state = logger.restore(optimizer)
+        if len(state["rngs"]) != world:
+            sys.exit(f"{args.resume} ran in {len(state['rngs'])} processes: resume it in as many")
+        rng_state(state["rngs"][rank])
+        start, position, before, heldout_before = (state[k] for k in ("step", "position", "before", "heldout"))
+        start, (guard.in_a_row, guard.skipped) = start + 1, state["guard"]
+        say(f"resumed {logger.dir} after step {start - 1}")
+    else:  # 0. BFCL accuracy and held-out ToolRL reward of the starting model
+        t0, start, position = time.time(), 0, 0
+        first = "predictions.jsonl" if args.total_steps == 0 else "predictions_before.jsonl"
+        before = evaluate(model, tokenizer, evals, args, logger.dir / first) if evals else {}
+        heldout_before = heldout_rewards(model, tokenizer, heldout, args) if heldout else []
+        before.update({"heldout/reward": float(np.mean(heldout_before))} if heldout else {})
+        say("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
+
     keys = ["reward", "rewards/format/mean", "rewards/correctness/mean", "frac_reward_zero_std", "clipfrac",
-            "approx_kl", "completion_len", "time/generate_s", "time/train_s"]
-    for step in tqdm(range(args.total_steps), desc="grpo", disable=not sys.stderr.isatty()):
-        # 1. sample G completions per prompt (one assistant turn, no tool execution)
-        batch = [next(stream) for _ in range(B)]
+            "approx_kl", "completion_len", "skipped_steps", "time/generate_s", "time/train_s"]
+    for step in tqdm(range(start, args.total_steps), desc="grpo", disable=rank > 0 or not sys.stderr.isatty()):
+        # 1. sample G completions per prompt of this process's share (one assistant turn, no tool execution)
+        batch, position = prompts_at(train, args.seed, position + rank * b, b), position + B
         t_gen = time.time()
         rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in batch], n=G)
         texts = [strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, args.max_new_tokens,
                  args.temperature, batch_size=args.gen_batch_size, share_prefix=args.shared_prefix)]
         t_gen = time.time() - t_gen
-        # 2. rewards: named components per completion
+        # 2. rewards: named components per completion; those of all processes (rank order = prompt order)
         t_train = time.time()
         comps = [toolrl_reward(text, batch[i // G]["ground_truth"], step, args.total_steps, args.matching,
                                args.granularity, args.schedule, args.two_stage_step, args.equal_max,
                                args.length_reward) for i, text in enumerate(texts)]
+        data = collate(rollouts, tokenizer.pad_token_id, device)
+        comps = sum(gather([dict(c, len=float(n), clipped=float(r.stop_reason == "length"), calls=float(len(
+            parse_bfcl_calls(t) or []))) for c, n, r, t in zip(comps, data["loss_mask"].sum(1), rollouts, texts)]), [])
         rewards = torch.tensor([c["total"] for c in comps])  # (B*G,)
         assert torch.isfinite(rewards).all(), "non-finite reward"
-        # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3)
-        advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps).to(device)  # (B*G,)
-        group_std = rewards.view(B, G).std(dim=1)
+        # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3) over the whole batch; this process's rows
+        advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps)  # (B*G,)
+        advantages = advantages[rank * b * G:(rank + 1) * b * G].to(device)
         # 4.-5. old_logp, then several minibatch updates of the clipped surrogate
-        data = collate(rollouts, tokenizer.pad_token_id, device)
-        stats = grpo_update(model, optimizer, data, advantages, args, ref_model)
+        stats = grpo_update(model, optimizer, data, advantages, args, ref_model, guard, seed=args.seed * 10**6 + step)
         t_train = time.time() - t_train
-        # 6. log aggregates over the whole step
-        n_new = data["loss_mask"].sum(1)  # (B*G,)
+        # 6. log aggregates over the whole step (all processes)
+        mean = {k: float(np.mean([c[k] for c in comps])) for k in comps[0]}
         row = {"reward": rewards.mean(), "reward_std": rewards.std(),
-               "frac_reward_zero_std": float((group_std < 1e-6).float().mean()),
-               **{f"rewards/{k}/mean": float(np.mean([c[k] for c in comps])) for k in comps[0] if k != "total"},
-               **stats, "completion_len": float(n_new.float().mean()),
-               "clipped_ratio": float(np.mean([r.stop_reason == "length" for r in rollouts])),
-               "tool_calls": float(np.mean([len(parse_bfcl_calls(t) or []) for t in texts])),
-               "tokens_per_s": float(n_new.sum()) / max(t_gen, 1e-9), "time/generate_s": t_gen, "time/train_s": t_train}
+               "frac_reward_zero_std": float((rewards.view(B, G).std(dim=1) < 1e-6).float().mean()),
+               **{f"rewards/{k}/mean": v for k, v in mean.items() if k not in ("total", "len", "clipped", "calls")},
+               **stats, "completion_len": mean["len"], "clipped_ratio": mean["clipped"], "tool_calls": mean["calls"],
+               "tokens_per_s": mean["len"] * len(comps) / max(t_gen, 1e-9), "time/generate_s": t_gen,
+               "time/train_s": t_train}
         logger.log(step, row, keys=keys)
+        if (args.save_every and (step + 1) % args.save_every == 0) or (args.save_model and step + 1 == args.total_steps):
+            path = logger.save(step, model, tokenizer, optimizer, position=position, rngs=gather(rng_state()),
+                               guard=(guard.in_a_row, guard.skipped), before=before, heldout=heldout_before)
+            say(f"checkpoint after step {step}: {path}", flush=True)
 
     # 7. BFCL accuracy and held-out reward after training (paired bootstrap interval); predictions in predictions.jsonl
     after = evaluate(model, tokenizer, evals, args, logger.dir / "predictions.jsonl") \
@@ -586,13 +691,12 @@ def main(args):
         heldout_after = heldout_rewards(model, tokenizer, heldout, args)
         after.update({f"heldout/{k}": v for k, v in paired_bootstrap(heldout_before, heldout_after).items()},
                      **{"heldout/reward": float(np.mean(heldout_after))})
-    if after:
-        print("after:", json.dumps(after))
+    _ = after and say("after:", json.dumps(after))
     summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
                "eval_items": len(evals), "heldout_items": len(heldout), "train_prompts": len(train)}
     if args.save_model and args.total_steps > 0:
-        summary["checkpoint"] = str(save_checkpoint(model, tokenizer, logger.dir / "checkpoint"))
-    print(json.dumps(logger.finish(summary), indent=1))
+        summary["checkpoint"] = str(logger.dir / "checkpoint")
+    say(json.dumps(logger.finish(summary), indent=1))
     return summary
 
 
