@@ -515,7 +515,7 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
     old_values and returns (N, T) train the value head). ref_logp enters the loss as k3 only with kl_mode=loss. A GRPO
     row with advantage 0 and no KL or entropy term has exactly zero gradient: it is skipped (the weights still count
     it). A non-finite loss or gradient skips the optimizer step (guard, FiniteGuard). Returns token-weighted means of
-    the metrics over all processes and the mean grad_norm."""
+    the metrics over all processes, the mean grad_norm and the mean minibatch policy_loss."""
     loss_mask, guard = data["loss_mask"], guard or FiniteGuard(args.max_bad_steps)  # (N, T): 1 on sampled tokens
     assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
     ppo, kl_ref = returns is not None, ref_logp if args.kl_mode == "loss" else None
@@ -529,7 +529,7 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                                 for m in range(args.num_minibatches)):
             mini_tokens, mini_rows = all_reduce(float(loss_mask[idx].sum())), all_reduce(float(len(idx)))
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
-            loss_sum = 0.0
+            loss_sum = policy_sum = 0.0  # this minibatch's whole loss and its policy part, this process's share
             for k, mb in enumerate(micro_batches(data, idx[active[idx]], args)):
                 logp, values, ent = _logprobs(model, value_head if ppo else None, data, mb, args, args.ent_coef > 0)
                 width, n_tok = logp.shape[1], float(loss_mask[mb].sum())
@@ -540,6 +540,7 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                     None if kl_ref is None else kl_ref[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_turn_tokens * (args.max_calls + 1), num_active_tokens=mini_tokens)
                 total = loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)
+                policy_sum += float(total.detach())
                 if ppo:  # value loss: token mean over the minibatch
                     v_loss = value_loss(values, old_values[mb, :width], returns[mb, :width], mask, args.clip_value)
                     total = total + args.vf_coef * v_loss / max(mini_tokens, 1.0)
@@ -555,13 +556,15 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                     assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
                         f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
                 assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
-                for key, v in [("policy_loss", loss.item())] + [(key, float(v)) for key, v in metrics.items()]:
-                    stats.setdefault(key if key != "kl" else "kl_loss", []).append((v, n_tok))
+                for key, v in metrics.items():
+                    stats.setdefault(key if key != "kl" else "kl_loss", []).append((float(v), n_tok))
             sync_gradients(model), sync_gradients(value_head) if ppo else None  # gradients summed over processes
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            loss_sum, policy_sum = all_reduce(torch.tensor([loss_sum, policy_sum])).tolist()  # over processes
             stats.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
-            if guard.ok(all_reduce(loss_sum), grad_norm):  # the same decision in every process
+            stats.setdefault("policy_loss", []).append((policy_sum, 1.0))
+            if guard.ok(loss_sum, grad_norm):  # the same decision in every process
                 optimizer.step()
     sums = gather([(k, sum(v * n for v, n in vals), sum(n for _, n in vals)) for k, vals in stats.items()])
     return {k: sum(s for j, s, _ in sums if j == k) / max(sum(n for j, _, n in sums if j == k), 1e-9)
