@@ -536,15 +536,17 @@ def main(args):
 
         # 6. log aggregates over the whole step (every process's rows)
         n_new = data["loss_mask"].sum(1)  # (b*G,)
+        nll = -(data["sample_logp"] * data["loss_mask"]).sum(1)  # (b*G,): minus the sampled tokens' log-probs
         local = [[well_formed(t), v == labels[i // G], v == "A", labels[i // G] == "A", task_type(t) is not None,
-                  float(n_new[i]), r.stop_reason == "length"] for i, (t, v, r) in enumerate(zip(texts, verdicts,
-                                                                                              rollouts))]
+                  float(n_new[i]), r.stop_reason == "length", float(nll[i])] for i, (t, v, r) in enumerate(zip(
+                      texts, verdicts, rollouts))]
         per_row = np.array([x for part in gather(local) for x in part], dtype=float).mean(0)  # over B*G rows
         t_gen, t_train = all_reduce(t_gen, "max"), all_reduce(t_train, "max")
         row = {"reward": rewards.mean(), "reward_std": rewards.std(),
                "frac_reward_zero_std": float((group_std < 1e-6).float().mean()), "rewards/verdict/mean": rewards.mean(),
                **{k: float(v) for k, v in zip(["verdict_format", "eval_parse_acc", "says_A", "label_A", "type_tag",
                                                "completion_len", "clipped_ratio"], per_row)},
+               "entropy": per_row[7] / max(per_row[5], 1e-9),  # Monte-Carlo: mean -log p of the sampled tokens
                **stats, "skipped_steps": guard.skipped,
                "tokens_per_s": all_reduce(float(n_new.sum())) / max(t_gen, 1e-9), "time/generate_s": t_gen,
                "time/train_s": t_train}
