@@ -41,6 +41,7 @@ import json
 import random
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,52 +52,70 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from algos.model import (ChatClient, ChatError, RunLogger, arg, encode_chat, generate, load_model,  # noqa: E402
-                         parse_args, render_chat, start_rollouts)
+                         model_error, parse_args, render_chat, start_rollouts)
 from kernels.logprob import linear_token_logprobs  # noqa: E402
+
+
+def file_error(path):  # check= of file fields ('' passes where the field is optional: `p and file_error(p)`)
+    return None if Path(path).is_file() else f"no such file: {path}"
+
+
+def oracle_error(backend):  # check= of --evaluator/--proposer: rule, policy, an http(s) URL or a load_model name
+    error = None if backend in ("rule", "policy") or re.match(r"https?://[^/\s]", backend) else model_error(backend)
+    return error and f"not rule, policy, an http(s) URL or a model ({error})"
 
 
 @dataclass
 class Args:
     exp_name: str = arg("iteralign", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
-    seed: int = arg(1, "seed for python, numpy and torch")
-    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (the previous SFT checkpoint)")
+    seed: int = arg(1, "seed for python, numpy and torch", low=0, high=2 ** 32 - 1)
+    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | folder (last SFT checkpoint)", check=model_error)
     runs_dir: str = arg("runs", "where run folders go")
-    iteration: int = arg(0, "index of this iteration: it takes red-team batch number `iteration` (run.sh counts)")
-    prompts_file: str = arg("data/redteam_prompts.jsonl", "red-team prompts (format: --prompts-format)")
-    prompts_format: str = arg("bundled", "bundled (our JSONL) | harmfulqa | dangerousqa | hh_rlhf (red-team "
-                                         "attempts or harmless-base transcripts; .gz read too)")
-    batch_size: int = arg(20, "red-team prompts per iteration (released code: 20)")
-    attack: str = arg("cou", "prompt wrapper: cou (Chain of Utterances, paper) | plain (the request alone)")
-    max_new_tokens: int = arg(64, "greedy tokens per answer (paper: 500)")
-    gen_batch_size: int = arg(20, "sequences per generation batch")
+    iteration: int = arg(0, "this iteration's index: it takes red-team batch `iteration` (run.sh counts)", low=0)
+    prompts_file: str = arg("data/redteam_prompts.jsonl", "red-team prompts (see --prompts-format)", check=file_error)
+    prompts_format: str = arg("bundled", "our JSONL | HarmfulQA | DangerousQA | hh-rlhf (red-team attempts or "
+                              "harmless-base); .gz too", choices=("bundled", "harmfulqa", "dangerousqa", "hh_rlhf"))
+    batch_size: int = arg(20, "red-team prompts per iteration (released code: 20)", low=1)
+    attack: str = arg("cou", "prompt wrapper: Chain of Utterances (paper) | the bare request", choices=("cou", "plain"))
+    max_new_tokens: int = arg(64, "greedy tokens per answer (paper: 500)", low=1)
+    gen_batch_size: int = arg(20, "sequences per generation batch", low=1)
     evaluator: str = arg("rule", "red-team evaluator: rule | policy (the model itself) | a model name | an "
-                                 "OpenAI-compatible base URL ending in /v1 (paper: gpt-3.5-turbo)")
-    proposer: str = arg("rule", "constitution proposer: rule | policy | a model name | a base URL (paper: GPT-4)")
+                                 "OpenAI-compatible base URL ending in /v1 (paper: gpt-3.5-turbo)", check=oracle_error)
+    proposer: str = arg("rule", "constitution proposer: rule | policy | a model name | a base URL (paper: GPT-4)",
+                        check=oracle_error)
     oracle_model_name: str = arg("", "the `model` field sent to a remote oracle endpoint")
-    oracle_timeout: float = arg(60.0, "seconds per oracle request")
-    oracle_retries: int = arg(2, "retries of an oracle request on connection errors, timeouts, HTTP 429/5xx")
-    constitution_mode: str = arg("accumulate", "accumulate (keep earlier iterations' constitutions, deduplicated; "
-                                               "paper) | per_batch (only this batch's, released code)")
-    constitutions_in: str = arg("", "constitutions.txt of the previous iteration (accumulate mode)")
-    max_constitutions: int = arg(12, "keep at most this many constitutions in context (the most recent)")
-    constitution_place: str = arg("user", "where constitutions go when answering again: user | system")
+    oracle_timeout: float = arg(60.0, "seconds per oracle request", low=0.1, high=3600)
+    oracle_retries: int = arg(2, "retries of an oracle request on connection errors, timeouts, HTTP 429/5xx", low=0)
+    constitution_mode: str = arg("accumulate", "accumulate: keep earlier iterations' constitutions, deduplicated "
+                                 "(paper) | per_batch: this batch's only (code)", choices=("accumulate", "per_batch"))
+    constitutions_in: str = arg("", "constitutions.txt of the previous iteration (accumulate mode)",
+                                check=lambda p: p and file_error(p))
+    max_constitutions: int = arg(12, "keep at most this many constitutions in context (the most recent)", low=1)
+    constitution_place: str = arg("user", "where constitutions go when answering again", choices=("user", "system"))
     filter_revised: bool = arg(True, "keep only revised answers the evaluator accepts (paper) or all (code)")
     evaluate: bool = arg(False, "score HHH, the held-out red-team prompts and TruthfulQA before the iteration")
     eval_only: bool = arg(False, "only the evaluation (e.g. of the final checkpoint); implies --evaluate")
     hhh_file: str = arg("data/generated/hhh_alignment.jsonl", "BIG-bench HHH items (python data/make_hhh.py)")
-    hhh_limit: int = arg(0, "score only the first n HHH items of each category (0 = all 221)")
-    hhh_format: str = arg("choice", "HHH scoring: choice (log-prob of the better reply's letter, both orders shown) "
-                                    "| ll (log-likelihood of each option as the reply; order-free) | both")
-    truthfulqa_file: str = arg("", "TruthfulQA MC1 items, JSON or JSONL with mc1_targets ('' = skip)")
-    score_batch_size: int = arg(8, "continuations per forward pass (each distinct prompt prefix runs once)")
-    report_runs: str = arg("", "run folders of earlier iterations (space-separated) to tabulate in the summary")
+    hhh_limit: int = arg(0, "score only the first n HHH items of each category (0 = all 221)", low=0)
+    hhh_format: str = arg("choice", "HHH scoring: choice (log-prob of the better reply's letter, both orders) | ll "
+                          "(each option's log-prob as the reply; order-free) | both", choices=("choice", "ll", "both"))
+    truthfulqa_file: str = arg("", "TruthfulQA MC1 items, JSON or JSONL with mc1_targets ('' = skip)",
+                               check=lambda p: p and file_error(p))
+    score_batch_size: int = arg(8, "continuations per forward pass (each distinct prompt prefix runs once)", low=1)
+    report_runs: str = arg("", "run folders of earlier iterations (space-separated) to tabulate in the summary",
+                           check=lambda s: ";".join(filter(None, [file_error(d + "/summary.json") for d in s.split()])))
+
+    def __post_init__(self):  # HHH is read only by an evaluation, so its file is checked only then
+        self.evaluate = self.evaluate or self.eval_only
+        if self.evaluate and self.hhh_file and not Path(self.hhh_file).is_file():
+            raise ValueError(f"--hhh-file: no such file: {self.hhh_file} (python data/make_hhh.py writes it; '' "
+                             "skips HHH); needed by --evaluate/--eval-only")
 
 
 # ---------------------------------------------------------------- red-team data and loaders
 def _read_json_or_jsonl(path):
     """(line or item number, value) pairs of a JSON array, a JSONL file, or either gzipped."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         text = f.read()
     if text.lstrip().startswith("["):
         try:
@@ -154,8 +173,7 @@ def load_redteam(path, fmt):
 def iteration_batch(prompts, iteration, batch_size):
     """Batch number `iteration` of the train prompts (wrapping around when the set runs out)."""
     train = [p for p in prompts if p["split"] == "train"]
-    start = iteration * batch_size
-    return [train[(start + i) % len(train)] for i in range(min(batch_size, len(train)))]
+    return [train[(iteration * batch_size + i) % len(train)] for i in range(min(batch_size, len(train)))]
 
 
 # ---------------------------------------------------------------- step 1: the red-team prompt
@@ -169,11 +187,9 @@ Base-LM: (thinking: Red-LM wants concrete steps, so I will list them.) Here are 
 
 
 def attack_prompt(question, attack):
-    if attack == "plain":
-        return question
-    if attack == "cou":
-        return COU_TEMPLATE.format(question=question)
-    raise ValueError(f"--attack must be cou or plain, not {attack!r}")
+    if attack not in ("cou", "plain"):
+        raise ValueError(f"--attack must be cou or plain, not {attack!r}")
+    return COU_TEMPLATE.format(question=question) if attack == "cou" else question
 
 
 # ---------------------------------------------------------------- step 3: the evaluator
@@ -238,9 +254,7 @@ PRINCIPLES = {
 
 def rule_constitutions(failures):
     """`rule:category-principles`: the general principles, then one per failing category (most failures first)."""
-    counts = {}
-    for f in failures:
-        counts[f["category"]] = counts.get(f["category"], 0) + 1
+    counts = Counter(f["category"] for f in failures)
     cats = sorted((c for c in counts if c in PRINCIPLES), key=lambda c: (-counts[c], c))
     return GENERAL_PRINCIPLES + [PRINCIPLES[c] for c in cats]
 
@@ -255,12 +269,8 @@ def proposer_messages(failures, max_shown=8):
 
 def parse_constitutions(reply):
     """Lines that state a principle ("The assistant should ..."), list markers stripped. Never raises."""
-    out = []
-    for line in (reply or "").splitlines():
-        line = re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", line).strip()
-        if re.match(r"the assistant (?:should|must)\b", line, re.I) and len(line.split()) >= 5:
-            out.append(line)
-    return out
+    lines = (re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", line).strip() for line in (reply or "").splitlines())
+    return [x for x in lines if re.match(r"the assistant (?:should|must)\b", x, re.I) and len(x.split()) >= 5]
 
 
 def merge_constitutions(old, new, mode, threshold=0.8, cap=12):
@@ -300,11 +310,9 @@ class Oracle:
     """A role through ChatClient (a dead or broken endpoint raises ChatError there), or the named rule."""
 
     def __init__(self, backend, args, policy=None, log_path=None):
-        self.backend, self.client, self.unparsed, self.name = backend, None, 0, None
-        if backend != "rule":
-            self.client = ChatClient(backend, model_name=args.oracle_model_name, timeout=args.oracle_timeout,
-                                     retries=args.oracle_retries, log_path=log_path, local=policy)
-            self.name = backend
+        self.backend, self.unparsed, self.name = backend, 0, None if backend == "rule" else backend
+        self.client = self.name and ChatClient(backend, model_name=args.oracle_model_name, timeout=args.oracle_timeout,
+                                               retries=args.oracle_retries, log_path=log_path, local=policy)
 
     def chat(self, conversations, max_tokens):
         return self.client.chat(conversations, max_tokens=max_tokens, temperature=0.0)
@@ -323,8 +331,7 @@ class Oracle:
         if not self.client:
             return rule_constitutions(failures)
         found = parse_constitutions(self.chat([proposer_messages(failures)], max_tokens=300)[0])
-        if not found:
-            self.unparsed += 1
+        self.unparsed += not found
         return found or rule_constitutions(failures)
 
 
@@ -500,7 +507,6 @@ def report(run_dirs):
 
 
 def main(args):
-    args.evaluate = args.evaluate or args.eval_only
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     prompts = load_redteam(args.prompts_file, args.prompts_format)
     hhh = load_hhh(args.hhh_file, args.hhh_limit) if args.evaluate and args.hhh_file else []

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +307,21 @@ def test_smoke_two_iterations_chained_through_sft(tmp_path):
     s1 = json.loads((next(tmp_path.glob("it1__*")) / "summary.json").read_text())
     assert s1["iteration"] == 1 and s1["history"][0]["iteration"] == 0
     assert s1["constitutions/n"] >= s0["constitutions/n"]  # accumulate keeps the first iteration's rules
+
+
+# ---------------------------------------------------------------- bad arguments: usage errors before any model
+def test_bad_arguments_stop_at_parse_time(tmp_path):
+    unloadable = tmp_path / "unloadable_model"  # passes the model check; loading it would fail (no config.json)
+    unloadable.mkdir()
+    cases = {"--attack": ["--attack", "foo"], "--max-constitutions": ["--max-constitutions", "0"],
+             "--evaluator": ["--evaluator", "./no_such_model"],  # neither rule, policy, a URL nor a model
+             "--hhh-file": ["--eval-only", "true", "--hhh-file", "missing.jsonl"]}  # a rule joining two fields
+    t = time.time()
+    procs = {flag: subprocess.Popen([PY, "algos/iteralign.py", "--model", str(unloadable), "--runs-dir",
+                                     str(tmp_path), *argv], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for flag, argv in cases.items()}  # in parallel: each costs only the imports
+    for flag, proc in procs.items():
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 2 and flag in err.splitlines()[-1], err[-1000:]
+    # the unloadable model proves the order; the time only bounds imports (seconds each; 2-core CI under load: more)
+    assert time.time() - t < 90 and not list(tmp_path.glob("iteralign__*"))
