@@ -35,27 +35,51 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from algos.model import CACHE, RunLogger, arg, parse_args  # noqa: E402
+from algos.model import CACHE, RunLogger, arg, model_error, parse_args  # noqa: E402
+
+
+PATHS = ("before", "now", "now_unshared", "now_ckpt", "trl")
+
+
+def paths_error(paths):  # check= of --paths: one or more of PATHS, comma-separated
+    names = [p.strip() for p in paths.split(",") if p.strip()]
+    if (bad := [p for p in names if p not in PATHS]) or not names:
+        return f"{f'unknown {bad}' if bad else 'no path'}; choose a comma-separated subset of {','.join(PATHS)}"
 
 
 @dataclass
 class Args:
     exp_name: str = arg("bench_grpo", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
-    seed: int = arg(1, "seed of every path")
-    model: str = arg("smollm2-135m", "model of every path (README: the SFT warm start's checkpoint)")
-    train_file: str = arg("data/generated/toolrl_train.jsonl", "ToolRL training prompts (data/make_toolrl_bfcl.py)")
-    paths: str = arg("before,now,now_unshared,trl", "comma-separated: before | now | now_unshared | now_ckpt | trl")
-    steps: int = arg(3, "generation batches (GRPO steps) per path; the first includes warm-up")
-    prompts_per_step: int = arg(4, "prompts per generation batch")
-    group_size: int = arg(4, "samples per prompt G")
-    max_new_tokens: int = arg(80, "completion length limit")
-    max_prompt_tokens: int = arg(320, "training prompts longer than this are dropped")
-    num_minibatches: int = arg(2, "optimizer steps per generation batch")
-    lr: float = arg(1e-5, "learning rate")
+    seed: int = arg(1, "seed of every path", low=0, high=2 ** 32 - 1)
+    model: str = arg("smollm2-135m", "model of every path (README: the SFT warm start's checkpoint)", check=model_error)
+    train_file: str = arg("data/generated/toolrl_train.jsonl", "ToolRL training prompts (data/make_toolrl_bfcl.py)",
+                          check=lambda p: None if Path(p).is_file() else f"no such file: {p}")
+    paths: str = arg("before,now,now_unshared,trl", "comma-separated subset of: " + " | ".join(PATHS),
+                     check=paths_error)
+    steps: int = arg(3, "generation batches (GRPO steps) per path; the first includes warm-up", low=1)
+    prompts_per_step: int = arg(4, "prompts per generation batch", low=1)
+    group_size: int = arg(4, "samples per prompt G", low=2)
+    max_new_tokens: int = arg(80, "completion length limit", low=1)
+    max_prompt_tokens: int = arg(320, "training prompts longer than this are dropped", low=1)
+    num_minibatches: int = arg(2, "optimizer steps per generation batch", low=1)
+    lr: float = arg(1e-5, "learning rate", low=0)
     before_commit: str = arg("e365580", "commit of the `before` path")
-    trl_micro_batch: int = arg(2, "TRL per_device_train_batch_size (8 ran out of 24 GB on the README's CPU)")
+    trl_micro_batch: int = arg(2, "TRL per_device_train_batch_size (8 ran out of 24 GB on the README's CPU)", low=1)
     trl_checkpointing: bool = arg(False, "TRL gradient_checkpointing (its default is on)")
     runs_dir: str = arg("runs", "folder that receives the run folder (and the paths' own runs)")
+
+    def __post_init__(self):
+        paths = [p.strip() for p in self.paths.split(",")]
+        if self.num_minibatches > self.prompts_per_step:  # grpo_toolrl.py's minibatches hold whole groups
+            raise ValueError(f"--num-minibatches {self.num_minibatches} > --prompts-per-step {self.prompts_per_step}: "
+                             "a minibatch holds whole prompt groups")
+        if "trl" in paths and self.trl_micro_batch * self.num_minibatches % self.group_size:
+            raise ValueError("--trl-micro-batch x --num-minibatches must be a multiple of --group-size (TRL's "
+                             "generation batch holds whole groups)")
+        if "before" in paths and subprocess.run(["git", "rev-parse", "--verify", "--quiet", self.before_commit +
+                                                 "^{commit}"], cwd=ROOT, capture_output=True).returncode:
+            raise ValueError(f"--before-commit {self.before_commit}: not a commit of this repository (a shallow "
+                             "clone lacks it: git fetch --unshallow)")
 
 
 # ---------------------------------------------------------------- one path, one process

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from algos.bench_grpo import summarize
@@ -27,3 +28,21 @@ def test_bench_smoke_tiny(tmp_path):
     assert result["path"] == "now" and result["exit_code"] == 0 and result["steps"] == 1
     assert result["sample_s"] > 0 and 0 < result["peak_rss_gb"] < 8
     assert "| now |" in (run / "table.md").read_text()
+
+
+def test_bad_arguments_stop_at_parse_time(tmp_path):
+    unloadable = tmp_path / "unloadable_model"  # passes the model check; loading it would fail (no config.json)
+    unloadable.mkdir()
+    cases = {"--paths": ["--paths", "now,vllm"], "--group-size": ["--group-size", "1"],  # GRPO needs G >= 2
+             "--num-minibatches": ["--prompts-per-step", "2", "--num-minibatches", "3"],  # whole groups per minibatch
+             "--before-commit": ["--before-commit", "0" * 40]}  # not a commit here
+    t = time.time()
+    common = ["--model", str(unloadable), "--train-file", "data/toolrl_train_sample.jsonl", "--runs-dir", str(tmp_path)]
+    procs = {flag: subprocess.Popen([sys.executable, "algos/bench_grpo.py", *common, *argv], cwd=ROOT,
+                                    stderr=subprocess.PIPE, text=True)
+             for flag, argv in cases.items()}  # in parallel: each costs only the imports
+    for flag, proc in procs.items():
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 2 and flag in err.splitlines()[-1], err[-1000:]
+    # the unloadable model proves the order; the time only bounds imports (seconds each; 2-core CI under load: more)
+    assert time.time() - t < 90 and not list(tmp_path.glob("bench_grpo__*"))
