@@ -64,37 +64,51 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from algos.model import ChatClient, RunLogger, arg, parse_args, render_chat  # noqa: E402
+from algos.model import ChatClient, RunLogger, arg, model_error, parse_args, render_chat  # noqa: E402
 
 METHODS = ("zero_shot", "cot", "self_consistency", "decisionflow")
 STEPS = ("variables", "extraction", "attributes", "weights", "scores", "decision")
 
 
+def methods_error(methods):  # check= of --methods: one or more of METHODS, comma-separated
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if (bad := [m for m in names if m not in METHODS]) or not names:
+        return f"{f'unknown {bad}' if bad else 'no method'}; choose a comma-separated subset of {','.join(METHODS)}"
+
+
 @dataclass
 class Args:
     exp_name: str = arg("decisionflow", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
-    seed: int = arg(1, "seed for python, numpy and torch (sampling of self-consistency)")
+    seed: int = arg(1, "seed for python, numpy and torch (sampling of self-consistency)", low=0, high=2 ** 32 - 1)
     runs_dir: str = arg("runs", "root folder of run folders (tests point it to a temporary folder)")
-    data: str = arg("data/decisionflow_sample.json", "MTA-format file: JSON list of [input, label] pairs")
-    limit: int = arg(0, "use only the first N items (0 = all)")
-    methods: str = arg(",".join(METHODS), "comma-separated subset of: " + ", ".join(METHODS))
+    data: str = arg("data/decisionflow_sample.json", "MTA-format file: JSON list of [input, label] pairs",
+                    check=lambda p: None if Path(p).is_file() else f"no such file: {p} (the bundled sample is "
+                                                                   "data/decisionflow_sample.json)")
+    limit: int = arg(0, "use only the first N items (0 = all)", low=0)
+    methods: str = arg(",".join(METHODS), "comma-separated subset of: " + ", ".join(METHODS), check=methods_error)
     model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder | OpenAI-compatible base URL "
-                                     "ending in /v1")
+                     "ending in /v1", check=lambda m: None if re.match(r"https?://[^/\s]", m) else model_error(m))
     model_name: str = arg("", "model name sent to an OpenAI-compatible endpoint (ignored for local models)")
-    batch_size: int = arg(24, "conversations per local generation batch")
-    answer_tokens: int = arg(12, "zero-shot: max new tokens of the answer")
-    cot_tokens: int = arg(128, "chain of thought and self-consistency: max new tokens per sample")
+    batch_size: int = arg(24, "conversations per local generation batch", low=1)
+    answer_tokens: int = arg(12, "zero-shot: max new tokens of the answer", low=1)
+    cot_tokens: int = arg(128, "chain of thought and self-consistency: max new tokens per sample", low=1)
     sc_samples: int = arg(3, "self-consistency: samples per item and target, majority vote (Wang et al. 2023 use "
-                             "5-40; 3 keeps the CPU run short)")
-    sc_temperature: float = arg(0.7, "self-consistency: sampling temperature")
-    temperature: float = arg(0.0, "temperature of zero-shot, CoT and every DecisionFlow step (0 = greedy)")
-    max_step_tokens: int = arg(96, "DecisionFlow: max new tokens per step reply")
-    keep_threshold: float = arg(0.3, "DecisionFlow: keep attributes with weight > this (paper: 0.3)")
-    retries: int = arg(1, "DecisionFlow: re-asks after an invalid step reply before the fallback (issue: 1)")
+                             "5-40; 3 keeps the CPU run short)", low=1)
+    sc_temperature: float = arg(0.7, "self-consistency: sampling temperature (OpenAI's range)", low=0, high=2)
+    temperature: float = arg(0.0, "temperature of zero-shot, CoT and each DecisionFlow step (0: greedy)", low=0, high=2)
+    max_step_tokens: int = arg(96, "DecisionFlow: max new tokens per step reply", low=1)
+    keep_threshold: float = arg(0.3, "DecisionFlow: keep attributes with weight > this (paper: 0.3)", low=0, high=1)
+    retries: int = arg(1, "DecisionFlow: re-asks after an invalid step reply before the fallback (issue: 1)", low=0)
     prefill: bool = arg(True, "DecisionFlow, local models only: start each step's reply with the opening of its JSON "
                               "(e.g. '{\"weights\": ['); remote endpoints get the plain conversation")
-    predictions: str = arg("", "JSONL with one line per method, item and target ('' = <run>/predictions.jsonl)")
+    predictions: str = arg("", "JSONL with one line per method, item and target ('' = <run>/predictions.jsonl)",
+                           check=lambda p: f"{p} is a folder" if p and Path(p).is_dir() else None)
     log_calls: bool = arg(True, "save every prompt and reply to <run>/calls.jsonl")
+
+    def __post_init__(self):
+        if "self_consistency" in self.methods and self.sc_samples > 1 and self.sc_temperature == 0:
+            raise ValueError("--methods self_consistency with --sc-temperature 0: every sample would be the same "
+                             "greedy answer (give a temperature > 0 or --sc-samples 1)")
 
 
 # ---------------------------------------------------------------- values (KDMAs) and targets
@@ -523,12 +537,8 @@ def print_tables(summary, methods, kdmas):
 
 # ---------------------------------------------------------------- main
 def main(args):
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if bad := [m for m in methods if m not in METHODS]:
-        sys.exit(f"unknown method(s) {bad}; choose from {METHODS}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]  # checked at parse time (methods_error)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    if not Path(args.data).exists():
-        sys.exit(f"{args.data} not found (the bundled sample is data/decisionflow_sample.json)")
     try:  # malformed data stops the run here, before any model is loaded
         items, skipped = load_mta(args.data)
     except DataError as e:

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -256,3 +257,20 @@ def test_malformed_data_stops_before_loading_a_model(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and f"{bad}: item 0: field label" in out.stderr
     assert not list(tmp_path.glob("decisionflow__*"))
+
+
+def test_bad_arguments_stop_at_parse_time(tmp_path):
+    unloadable = tmp_path / "unloadable_model"  # passes the model check; loading it would fail (no config.json)
+    unloadable.mkdir()
+    cases = {"--methods": ["--methods", "zero_shot,debate"], "--keep-threshold": ["--keep-threshold", "1.5"],
+             "--model": ["--model", "./no_such_model"],  # not a URL and no such folder
+             "--sc-temperature": ["--sc-temperature", "0"]}  # self-consistency of k greedy samples: a joined rule
+    t = time.time()
+    procs = {flag: subprocess.Popen([sys.executable, "algos/decisionflow.py", "--model", str(unloadable), "--runs-dir",
+                                     str(tmp_path), *argv], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for flag, argv in cases.items()}  # in parallel: each costs only the imports
+    for flag, proc in procs.items():
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 2 and flag in err.splitlines()[-1], err[-1000:]
+    # the unloadable model proves the order; the time only bounds imports (seconds each; 2-core CI under load: more)
+    assert time.time() - t < 90 and not list(tmp_path.glob("decisionflow__*"))
