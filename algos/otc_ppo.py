@@ -24,19 +24,24 @@ Differences from the paper and Search-R1, and why:
 6. No correct rollout of a question yet: OTC-GRPO has no n and falls back to the OTC-PPO form (the paper is silent;
    the product with EM is 0 then anyway, only the logged tool reward sees it).
 7. KL: 0.001 as in the paper, in the reward (k1 per token, verl's PPO default) for PPO and as a k3 loss for GRPO
-   (`--kl-mode` switches either way). No entropy bonus by default (it needs the full logits).
+   (`--kl-mode loss` puts PPO's in the loss too). No entropy bonus by default (it needs the full logits).
 8. Calls: only executed searches count; a search written after the c-th one ends the rollout unexecuted.
+9. GRPO runs a question's prompt once for its G rollouts, in sampling and training (algos/model.py; exact), so its
+   minibatches hold whole groups; micro-batches are sized in tokens. PPO trains each row on its own (the value head
+   reads every row's hidden states). Under torchrun each process takes a share of the questions (whole groups).
 
 Usage:
     bash run.sh otc_ppo      # data if missing (data/make_otc_qa.py), SFT warm start, EM vs OTC arms, EM/TC/TP table
-    python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo
+    python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo --save-every 1
+    python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo --resume runs/otc_ppo__1__<t>
+    torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint>   # data parallel: a share per process
     python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
 Expected at the defaults (after run.sh's warm start; shared, busy 2-core CPU): 3-5 min per step, ~35 min per arm.
 With --reward em the policy learns to search more (a second search repairs answers copied from the wrong passage);
 --reward otc did not cut calls within these 8 steps (TC 2.0 vs 1.83, EM 0.64 vs 0.76; README.md): a smoke budget.
 """
 import copy
-import dataclasses
+import functools
 import json
 import math
 import os
@@ -57,7 +62,6 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from algos.model import (FiniteGuard, RunLogger, all_reduce, append_tokens, arg, collate, data_parallel,  # noqa: E402
@@ -68,7 +72,6 @@ from kernels.logprob import linear_token_logprobs, token_logprobs  # noqa: E402
 
 
 def positive(value):
-    """For `check=`: None when value > 0, else the error."""
     return None if value > 0 else "must be > 0"
 
 
@@ -79,21 +82,19 @@ def file_error(path):
 @dataclass
 class Args:
     exp_name: str = arg("otc_ppo", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
-    seed: int = arg(1, "seed for python, numpy and torch (sampling: seed + rank); the data order: seed")
-    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. an SFT checkpoint)",
-                     check=model_error)
+    seed: int = arg(1, "seed for python, numpy and torch (sampling: seed + rank) and the data order")
+    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (SFT checkpoint)", check=model_error)
     runs_dir: str = arg("runs", "where run folders go")
-    resume: str = arg("", "RUN_DIR: continue that run from its checkpoint/ (the KL reference: --model again)",
-                      check=lambda d: None if not d or (Path(d) / "checkpoint" / "trainer_state.pt").is_file()
-                      else f"no checkpoint/trainer_state.pt in {d}")
-    save_every: int = arg(0, "write the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
+    resume: str = arg("", "a run folder: continue it from <run>/checkpoint (same arguments; KL reference: --model)",
+                      check=lambda run: run and not Path(run, "checkpoint", "trainer_state.pt").is_file() and
+                      f"no resumable checkpoint in {run} (no checkpoint/trainer_state.pt: see --save-every)")
+    save_every: int = arg(0, "save the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
     max_bad_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss or gradient", low=1)
     train_file: str = arg("data/otc_train.jsonl", "QA rows for RL (data/make_otc_qa.py)", check=file_error)
     test_file: str = arg("data/otc_test.jsonl", "held-out QA rows for EM / TC / TP", check=file_error)
     corpus_file: str = arg("data/otc_corpus.jsonl", "passages for the local BM25 index", check=file_error)
     retriever: str = arg("bm25", "bm25 (local index of corpus_file) | http://host:port of a Search-R1 server",
-                         check=lambda v: None if v == "bm25" or v.startswith(("http://", "https://")) else
-                         "bm25 or an http:// address")
+                         check=lambda v: v != "bm25" and not v.startswith("http") and "bm25 or an http:// address")
     retrieval_timeout: float = arg(10.0, "seconds to wait for the retrieval server", check=positive)
     topk: int = arg(3, "passages per search (paper: 3)", low=1)
     estimator: str = arg("ppo", "ppo (value head + GAE, Search-R1 PPO) | grpo (group-normalised outcome reward)",
@@ -109,8 +110,7 @@ class Args:
     critic_lr: float = arg(1e-3, "value head lr (paper's critic: 1e-5, a whole LLM)", check=positive)
     value_grad_to_trunk: bool = arg(False, "let the value loss train the shared trunk (docstring, difference 1)")
     vf_coef: float = arg(0.5, "value loss weight", low=0)
-    clip_value: float = arg(0.2, "value clip range around the rollout-time value (PPO's clipped value loss)",
-                            check=positive)
+    clip_value: float = arg(0.2, "value clip range around the rollout-time value (clipped value loss)", check=positive)
     gamma: float = arg(1.0, "GAE discount (Search-R1: 1)", low=0, high=1)
     lam: float = arg(1.0, "GAE lambda (Search-R1: 1)", low=0, high=1)
     whiten: bool = arg(True, "whiten PPO advantages over sampled tokens of the batch (Search-R1/verl)")
@@ -136,7 +136,7 @@ class Args:
     eval_before: bool = arg(True, "score the test set before training too")
     eval_items: int = arg(0, "test rows scored (0 = all)", low=0)
     gen_batch_size: int = arg(32, "sequences per generation batch", low=1)
-    save_model: bool = arg(True, "save the trained model and value head to <run>/checkpoint")
+    save_model: bool = arg(True, "save the trained model and value head to <run>/checkpoint (resumable)")
 
     def __post_init__(self):
         """Fill the auto fields, then the rules joining fields (parse_args makes a ValueError a usage error)."""
@@ -149,7 +149,7 @@ class Args:
             raise ValueError(f"--group-size {self.group_size}: GRPO needs >= 2 rollouts per question")
         if self.estimator == "grpo" and self.kl_mode == "reward":
             raise ValueError("--kl-mode reward needs --estimator ppo (GRPO's reward is one number per rollout)")
-        units = self.prompts_per_step * (1 if self.shared_prefix else self.group_size)  # groups or rows per step
+        units = self.prompts_per_step * (1 if self.shared_prefix else self.group_size)  # minibatches draw from these
         if units % self.num_minibatches:
             raise ValueError(f"--num-minibatches {self.num_minibatches} must divide the step's {units} "
                              f"{'groups' if self.shared_prefix else 'rollouts'}")
@@ -222,10 +222,10 @@ def otc_grpo_tool_reward(m: int, n, c: int) -> float:
 def otc_rewards(episodes, rows, args, best_calls):
     """Named reward components per rollout. For OTC-GRPO, best_calls (question id -> fewest calls of a correct
     rollout) is updated with this batch of every process first, so n covers this group and every earlier visit, and
-    every process holds the same n."""
+    all processes hold the same n."""
     em = [em_reward(e["answer"], rows[i // args.group_size]["answers"]) for i, e in enumerate(episodes)]
     found = [(rows[i // args.group_size]["id"], e["calls"]) for i, e in enumerate(episodes) if em[i] == 1.0]
-    for qid, m in gather(found):
+    for qid, m in sum(gather(found), []):
         best_calls[qid] = min(best_calls.get(qid, m), m)
     out = []
     for i, e in enumerate(episodes):
@@ -256,7 +256,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=1.0):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries of every process (2 processes = 1); 0 elsewhere."""
+    """(x - mean) / std over the masked entries of all processes (so 2 processes = 1); 0 elsewhere."""
     n = all_reduce(mask.sum()).clamp(min=1)
     mean = all_reduce((x * mask).sum()) / n
     var = all_reduce((((x - mean) * mask) ** 2).sum()) / n
@@ -270,7 +270,7 @@ def value_loss(values, old_values, returns, mask, clip):
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over the sampled tokens of every process: 1 = perfect critic, 0 = no better than a
+    """1 - Var(R - V) / Var(R) over the sampled tokens of all processes: 1 = perfect critic, 0 = no better than a
     constant; nan when the returns do not vary (as CleanRL)."""
     r, d = returns[mask > 0].double(), (returns - values)[mask > 0].double()
     n, s_r, q_r, s_d, q_d = all_reduce(torch.stack([r.new_tensor(r.numel()), r.sum(), r.square().sum(), d.sum(),
@@ -279,33 +279,17 @@ def explained_variance(values, returns, mask):
     return float("nan") if n < 2 or var_r < 1e-12 else 1 - (q_d - s_d ** 2 / n) / max(n - 1, 1) / var_r
 
 
-def gather(items):
-    """A list concatenated over processes in rank order (all_gather_object); the list itself in one process."""
-    if not dist.is_initialized():
-        return list(items)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
-
-
 def forward(model, value_head, input_ids, attention_mask, temperature=1.0, entropy=False, detach_trunk=True):
     """One pass of the shared trunk -> (logp, values, entropy), each (B, T); position t is about token t (0 at t=0).
     Log-probs go through the fused LM-head kernel as model.sequence_logprobs; values come from the value head on the
     hidden state before token t (None without a head); entropy needs full logits (None unless asked)."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    head = model.get_output_embeddings()
-    B, T, H = hidden.shape
-    h, targets = hidden[:, :-1].reshape(-1, H), input_ids[:, 1:].reshape(-1)
-    ent = None
-    if entropy or head.bias is not None:
-        logp, ent = token_logprobs(head(h), targets, temperature, return_entropy=True)
-        ent = F.pad(ent.view(B, T - 1), (1, 0))
-    else:
-        logp = linear_token_logprobs(h, head.weight, targets, temperature)
-    values = None
-    if value_head is not None:
-        values = F.pad(value_head(hidden[:, :-1].detach() if detach_trunk else hidden[:, :-1]).squeeze(-1), (1, 0))
-    return F.pad(logp.view(B, T - 1), (1, 0)), values, (ent if entropy else None)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # (B,T-1,H)
+    head, h, targets = model.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]), input_ids[:, 1:].flatten()
+    logp, ent = token_logprobs(head(h), targets, temperature, return_entropy=True) if entropy or head.bias is not None \
+        else (linear_token_logprobs(h, head.weight, targets, temperature), None)
+    values = None if value_head is None else value_head(hidden.detach() if detach_trunk else hidden)
+    return tuple(None if x is None else torch.nn.functional.pad(x.reshape(hidden.shape[:2]), (1, 0))
+                 for x in (logp, values, ent if entropy else None))
 
 
 # ---------------------------------------------------------------- retrieval
@@ -319,16 +303,15 @@ class BM25Retriever:
 
     def __init__(self, passages):
         import bm25s
-        self.passages = passages
-        self.index = bm25s.BM25()
+        self.passages, self.index = passages, bm25s.BM25()
         self._tok = lambda texts: bm25s.tokenize(texts, stopwords="en", show_progress=False)
         self.index.index(self._tok([f"{p['title']} {p['text']}" for p in passages]), show_progress=False)
 
     def search(self, queries, topk):
         if not queries:
             return []
-        k = min(topk, len(self.passages))
-        docs, scores = self.index.retrieve(self._tok([q or "-" for q in queries]), k=k, show_progress=False)
+        docs, scores = self.index.retrieve(self._tok([q or "-" for q in queries]), k=min(topk, len(self.passages)),
+                                           show_progress=False)
         return [[{**{f: self.passages[int(d)][f] for f in ("title", "text")}, "score": float(s)}
                  for d, s in zip(row_d, row_s) if s > 0] for row_d, row_s in zip(docs, scores)]
 
@@ -344,9 +327,9 @@ class SearchR1Client:
         if not queries:
             return []
         body = json.dumps({"queries": list(queries), "topk": topk, "return_scores": True}).encode()
-        request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(urllib.request.Request(self.url, body, {"Content-Type": "application/json"}),
+                                        timeout=self.timeout) as response:
                 raw = response.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as e:
             raise RetrievalError(f"{self.url}: HTTP {e.code}: {e.read()[:300]!r}") from None
@@ -367,7 +350,7 @@ class SearchR1Client:
         return {"title": title.strip().strip('"'), "text": text.strip(), "score": score}
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- data and processes
 QA_FIELDS = {"id": str, "question": str, "answers": list, "kind": str, "optimal_calls": int}
 
 
@@ -375,22 +358,51 @@ def load_jsonl(path, fields):
     """Rows of a JSONL file; a bad line, a missing field or a field of the wrong type stops the run with file,
     line and field."""
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: not a JSON object")
-            for k, kind in fields.items():
-                if k not in row:
-                    raise ValueError(f"{path}:{i}: missing field {k!r}")
-                if not isinstance(row[k], kind) or (kind is list and not all(isinstance(a, str) for a in row[k])):
-                    raise ValueError(f"{path}:{i}: field {k!r} is not a {kind.__name__}"
-                                     + (" of strings" if kind is list else ""))
-            rows.append(row)
+    for i, line in enumerate(open(path), 1):
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: not a JSON object")
+        for k, kind in fields.items():
+            if k not in row:
+                raise ValueError(f"{path}:{i}: missing field {k!r}")
+            if not isinstance(row[k], kind) or (kind is list and not all(isinstance(a, str) for a in row[k])):
+                raise ValueError(f"{path}:{i}: field {k!r} is not a {kind.__name__}" + " of strings" * (kind is list))
+        rows.append(row)
     return rows
+
+
+@functools.lru_cache(maxsize=2)
+def _pass_order(n, seed, epoch):
+    order = list(range(n))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def prompts_at(rows, seed, start, count):
+    """rows at positions start..start+count-1 of an endless stream of passes over rows, each pass in its own fixed
+    shuffle: a pure function of the position, so all processes agree and a resumed run continues the stream."""
+    return [rows[_pass_order(len(rows), seed, p // len(rows))[p % len(rows)]] for p in range(start, start + count)]
+
+
+def gather(x):
+    """[x of each process] in rank order (any picklable x); [x] in one process."""
+    out = [x] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(out, x)
+    return out
+
+
+def rng_state(state=None):
+    """This process's RNG states (python, numpy, torch, cuda); with `state`: set them."""
+    if state is None:
+        return [random.getstate(), np.random.get_state(), torch.get_rng_state()] + \
+            ([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
+    random.setstate(state[0]), np.random.set_state(state[1]), torch.set_rng_state(state[2])
+    if len(state) > 3:
+        torch.cuda.set_rng_state(state[3])
 
 
 # ---------------------------------------------------------------- rollout and evaluation
@@ -451,11 +463,11 @@ def summarize(episodes, rows, em):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, retriever, args, path):
-    """Greedy multi-turn rollouts on the test rows (torchrun: a share per process) -> EM / TC / TP; one prediction
-    per line in path."""
+    """Greedy multi-turn rollouts on the test rows (a share per process) -> EM / TC / TP; one prediction per line in
+    path."""
     rank, world = distributed()
     share = [r["question"] for r in rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]]
-    episodes = gather(run_episodes(model, tokenizer, share, retriever, args, 1, 0.0)[1])
+    episodes = sum(gather(run_episodes(model, tokenizer, share, retriever, args, 1, 0.0)[1]), [])
     em = [em_reward(e["answer"], r["answers"]) for e, r in zip(episodes, rows)]
     with open(path if rank == 0 else os.devnull, "w") as f:
         for r, e, ok in zip(rows, episodes, em):
@@ -485,8 +497,8 @@ def micro_batches(data, rows, args):
 
 
 def _logprobs(model, value_head, data, mb, args, entropy=False):
-    """(logp, values, entropy) of rows mb, each (b, width), right padding trimmed; values None without a head, entropy
-    None unless asked. GRPO: a group's prompt runs once (args.shared_prefix); the value head needs every row's states."""
+    """(logp, values, entropy) of rows mb, each (b, width), right padding trimmed (values without a head and entropy
+    unless asked: None); a GRPO group's prompt runs once (args.shared_prefix); the value head needs each row's states."""
     width = int(data["attention_mask"][mb].sum(1).max())
     ids, attn = data["input_ids"][mb, :width], data["attention_mask"][mb, :width]
     if value_head is not None:
@@ -501,46 +513,48 @@ def _logprobs_in_chunks(model, value_head, data, args):
     logp, values = torch.zeros_like(data["loss_mask"]), torch.zeros_like(data["loss_mask"])  # (N, T)
     for mb in micro_batches(data, range(len(logp)), args):
         lp, v, _ = _logprobs(model, value_head, data, mb, args)
-        logp[mb, :lp.shape[1]] = lp
-        if v is not None:
-            values[mb, :v.shape[1]] = v
+        logp[mb, :lp.shape[1]], values[mb, :lp.shape[1]] = lp, 0.0 if v is None else v
     return logp, (None if value_head is None else values)
 
 
 def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, ref_logp=None, old_values=None,
-               returns=None, guard=None):
+               returns=None, guard=None, seed=0):
     """ppo_epochs x num_minibatches optimizer steps on this process's rows of a rollout batch, each accumulated over
-    token-sized micro-batches; losses are divided by the minibatch's counts over all processes, so the gradient summed
-    by sync_gradients is the one-process gradient. advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO, then
-    old_values and returns (N, T) train the value head). ref_logp enters the loss as k3 only with kl_mode=loss. A GRPO
-    row with advantage 0 and no KL or entropy term has exactly zero gradient: it is skipped (the weights still count
-    it). A non-finite loss or gradient skips the optimizer step (guard, FiniteGuard). Returns token-weighted means of
-    the metrics over all processes, the mean grad_norm and the mean minibatch policy_loss."""
-    loss_mask, guard = data["loss_mask"], guard or FiniteGuard(args.max_bad_steps)  # (N, T): 1 on sampled tokens
+    token-sized micro-batches. Minibatches split a permutation (from `seed`: the same in every process) of the whole
+    batch's groups (or rows), and losses are normalised by each minibatch's global row and token counts: under
+    torchrun the summed gradient (sync_gradients) is the one-process one. advantages: (N,) per sequence (GRPO) or
+    (N, T) per token (PPO, then old_values and returns (N, T) train the value head). ref_logp enters the loss as k3
+    only with kl_mode=loss. A GRPO row with advantage 0 and no KL or entropy term has exactly zero gradient: it is
+    skipped (the weights still count it). A non-finite loss or gradient skips the step (guard). Returns token-weighted
+    means of the metrics over all processes, the mean grad_norm and the mean minibatch policy_loss."""
+    rank, guard = distributed()[0], guard or FiniteGuard(args.max_bad_steps)
+    loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens only; prompt, tool turns and padding 0
     assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
     ppo, kl_ref = returns is not None, ref_logp if args.kl_mode == "loss" else None
     skip = advantages.dim() == 1 and kl_ref is None and args.ent_coef == 0
     active = (advantages != 0).cpu() if skip else torch.ones(len(loss_mask), dtype=torch.bool)  # (N,)
-    stats, unit = {}, args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
+    unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
+    counts = gather(len(loss_mask) // unit)  # units per process; this one holds units first .. first + n - 1
+    first, n, gen = sum(counts[:rank]), counts[rank], torch.Generator().manual_seed(seed)
+    keys = ["clipfrac", "approx_kl", "ratio_mean"] + ["kl"] * (kl_ref is not None) + ["value_loss"] * ppo + \
+        ["entropy"] * (args.ent_coef > 0)
+    sums, steps = torch.zeros(len(keys) + 1, dtype=torch.float64), []  # token-weighted sums, then tokens
     for epoch in range(args.ppo_epochs):
-        perm, per = torch.randperm(len(loss_mask) // unit), len(loss_mask) // unit // args.num_minibatches
-        assert per > 0, f"{len(perm)} groups (or rows) cannot fill {args.num_minibatches} minibatches"
-        for m, idx in enumerate((perm[m * per:(m + 1) * per, None] * unit + torch.arange(unit)).flatten()
-                                for m in range(args.num_minibatches)):
-            mini_tokens, mini_rows = all_reduce(float(loss_mask[idx].sum())), all_reduce(float(len(idx)))
+        for m, units in enumerate(torch.randperm(sum(counts), generator=gen).view(args.num_minibatches, -1)):
+            units = units[(units >= first) & (units < first + n)] - first  # this process's share of minibatch m
+            idx = (units[:, None] * unit + torch.arange(unit)).flatten()  # its rows
+            mini_rows, mini_tokens = all_reduce(float(len(idx))), all_reduce(float(loss_mask[idx].sum()))
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
-            loss_sum = policy_sum = 0.0  # this minibatch's whole loss and its policy part, this process's share
+            mini_loss = torch.zeros(2, dtype=torch.float64)  # this process's share: whole loss, policy part
             for k, mb in enumerate(micro_batches(data, idx[active[idx]], args)):
                 logp, values, ent = _logprobs(model, value_head if ppo else None, data, mb, args, args.ent_coef > 0)
                 width, n_tok = logp.shape[1], float(loss_mask[mb].sum())
-                mask = loss_mask[mb, :width]  # (b, width)
-                adv = advantages[mb, :width] if advantages.dim() == 2 else advantages[mb]
+                mask, adv = loss_mask[mb, :width], advantages[mb, :width] if advantages.dim() == 2 else advantages[mb]
                 loss, metrics = policy_loss(
                     logp, old_logp[mb, :width], adv, mask, args.clip_low, args.clip_high,
                     None if kl_ref is None else kl_ref[mb, :width], args.beta, args.loss_type,
-                    max_completion_len=args.max_turn_tokens * (args.max_calls + 1), num_active_tokens=mini_tokens)
-                total = loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)
-                policy_sum += float(total.detach())
+                    args.max_turn_tokens * (args.max_calls + 1), num_active_tokens=mini_tokens)  # mask: (b, width)
+                weighted = total = loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)
                 if ppo:  # value loss: token mean over the minibatch
                     v_loss = value_loss(values, old_values[mb, :width], returns[mb, :width], mask, args.clip_value)
                     total = total + args.vf_coef * v_loss / max(mini_tokens, 1.0)
@@ -550,32 +564,29 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                     total = total - args.ent_coef * ent_sum / max(mini_tokens, 1.0)
                     metrics["entropy"] = ent_sum.detach() / max(n_tok, 1.0)
                 total.backward()
-                loss_sum += float(total.detach())
+                mini_loss += torch.tensor([total.item(), weighted.item()], dtype=torch.float64)
                 if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
                     ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
                     assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
                         f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
                 assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
-                for key, v in metrics.items():
-                    stats.setdefault(key if key != "kl" else "kl_loss", []).append((float(v), n_tok))
-            sync_gradients(model), sync_gradients(value_head) if ppo else None  # gradients summed over processes
+                sums += torch.tensor([float(metrics[k]) * n_tok for k in keys] + [n_tok])
+            sync_gradients(model), sync_gradients(value_head)  # each gradient: its sum over processes
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            loss_sum, policy_sum = all_reduce(torch.tensor([loss_sum, policy_sum])).tolist()  # over processes
-            stats.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
-            stats.setdefault("policy_loss", []).append((policy_sum, 1.0))
-            if guard.ok(loss_sum, grad_norm):  # the same decision in every process
+            mini_loss = all_reduce(mini_loss)
+            if guard.ok(mini_loss[0], grad_norm):  # the same decision in every process
                 optimizer.step()
-    sums = gather([(k, sum(v * n for v, n in vals), sum(n for _, n in vals)) for k, vals in stats.items()])
-    return {k: sum(s for j, s, _ in sums if j == k) / max(sum(n for j, _, n in sums if j == k), 1e-9)
-            for k in dict.fromkeys(k for k, _, _ in sums)}
+            steps.append([float(grad_norm), float(mini_loss[1])])
+    sums = all_reduce(sums)
+    return {**{k if k != "kl" else "kl_loss": float(s / max(sums[-1], 1e-9)) for k, s in zip(keys, sums)},
+            **dict(zip(["grad_norm", "policy_loss"], np.mean(steps, 0).tolist()))}
 
 
 def advantages_and_targets(model, value_head, ref_model, data, rewards, args):
-    """Steps 3-4 on this process's rollouts (rewards (N,)) -> (the update's inputs, {kl, explained_variance}):
-    old_logp, ref_logp and the rollout-time values (no grad), then the advantages: GAE on per-token rewards (PPO,
-    whitened over the sampled tokens of every process) or group-normalised outcome rewards (GRPO; whole groups per
-    process, --adv-scale batch takes the std of every process's rewards)."""
+    """Steps 3-4 for this process's rows (rewards: (B*G,) of all processes, rank order) -> (the update's inputs, logs:
+    kl, explained_variance): old_logp, ref_logp and the rollout-time values (no grad), then GAE on per-token rewards
+    whitened over the sampled tokens of all processes (PPO), or group-normalised outcome rewards (GRPO)."""
     loss_mask, device = data["loss_mask"], data["loss_mask"].device  # (N, T)
     old_logp, old_values, ref_logp, returns, logs = data["sample_logp"], None, None, None, {}
     with torch.no_grad():
@@ -585,152 +596,129 @@ def advantages_and_targets(model, value_head, ref_model, data, rewards, args):
         if ref_model is not None:
             ref_logp = _logprobs_in_chunks(ref_model, None, data, args)[0]
             delta = (ref_logp - old_logp) * loss_mask
-            logs["kl"] = all_reduce(float(((delta.exp() - delta - 1) * loss_mask).sum())) / all_reduce(
-                float(loss_mask.sum()))
+            kl, tokens = all_reduce(torch.stack([((delta.exp() - delta - 1) * loss_mask).sum(), loss_mask.sum()]))
+            logs["kl"] = float(kl / tokens)
+    rank, N = distributed()[0], len(loss_mask)
     if args.estimator == "ppo":
         last = (loss_mask * torch.arange(loss_mask.shape[1], device=device)).argmax(1)  # last sampled token
         token_rewards = torch.zeros_like(loss_mask)
-        token_rewards[torch.arange(len(last)), last] = rewards.to(device)  # outcome reward on the last token
+        token_rewards[torch.arange(N), last] = rewards[rank * N:(rank + 1) * N].to(device)  # outcome reward there
         if args.kl_mode == "reward" and ref_logp is not None:
             token_rewards = token_rewards - args.beta * (old_logp - ref_logp) * loss_mask  # k1 per token
         advantages, returns = gae(token_rewards, old_values * loss_mask, loss_mask, args.gamma, args.lam)
         logs["explained_variance"] = explained_variance(old_values, returns, loss_mask)
         advantages = masked_whiten(advantages, loss_mask) if args.whiten else advantages  # (N, T)
-    else:
-        start = sum(gather([len(rewards)])[:distributed()[0]])  # this process's first row in the whole batch
-        advantages = group_advantages(torch.tensor(gather(rewards.tolist())), args.group_size, scale=args.adv_scale,
-                                      eps=args.adv_eps)[start:start + len(rewards)].to(device)  # (N,)
+    else:  # whole batch (adv_scale batch: the std of all rewards), then this process's rows
+        advantages = group_advantages(rewards, args.group_size, scale=args.adv_scale, eps=args.adv_eps)
+        advantages = advantages[rank * N:(rank + 1) * N].to(device)  # (N,)
     return dict(advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, old_values=old_values,
                 returns=returns), logs
 
 
-def rng_states():
-    return [random.getstate(), np.random.get_state(), torch.get_rng_state()] + (
-        [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
-
-
 def main(args):
-    rank, world = distributed()  # torchrun: each process samples and trains its share of the step's questions
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
-    B, G = args.prompts_per_step, args.group_size
-    if B % world or B // world * (1 if args.shared_prefix else G) % args.num_minibatches:
-        sys.exit(f"--prompts-per-step {B} must give each of {world} processes whole groups for "
-                 f"--num-minibatches {args.num_minibatches}")
-    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
-    if args.resume and rank == 0:
-        saved = json.loads((Path(args.resume) / "args.json").read_text())
-        changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items() if k != "resume" and
-                   saved.get(k) != v}
-        if changed:
-            print(f"warning: resumed with arguments that differ from the run's args.json (was, now): {changed}",
-                  file=sys.stderr)
+    rank, world = distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # sampling
+    B, G, b = args.prompts_per_step, args.group_size, args.prompts_per_step // world  # b: questions per process
+    if B % world or b * (1 if args.shared_prefix else G) < args.num_minibatches:
+        sys.exit(f"--prompts-per-step {B} must give each of {world} processes the same number of questions, "
+                 f"enough for --num-minibatches {args.num_minibatches}")
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
     device = next(model.parameters()).device
-    train = load_jsonl(args.train_file, QA_FIELDS)
-    tests = load_jsonl(args.test_file, QA_FIELDS)[:args.eval_items or None]
-    retriever = SearchR1Client(args.retriever, args.retrieval_timeout) if args.retriever.startswith("http") else \
-        BM25Retriever(load_jsonl(args.corpus_file, {"id": str, "title": str, "text": str}))
-    ref_model = None if args.beta == 0 else (load_model(args.model)[0] if args.resume else copy.deepcopy(model)
-                                             ).requires_grad_(False)  # the frozen start, also when resuming
-    value_head, heads = None, []
+    ref_model = None if args.beta == 0 else (load_model(args.model)[0] if args.resume else copy.deepcopy(model))
+    ref_model = ref_model and ref_model.requires_grad_(False)  # the starting model, frozen
+    value_head = None
     if args.estimator == "ppo":
         value_head = torch.nn.Linear(model.config.hidden_size, 1).to(device)
         torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
         if (Path(args.model) / "value_head.pt").exists():  # start the critic with its policy
             value_head.load_state_dict(torch.load(Path(args.model) / "value_head.pt"))
-        heads = [data_parallel(value_head)]
-    data_parallel(model)  # torchrun: rank 0's weights everywhere; sync_gradients sums gradients over processes
-    print(f"train questions: {len(train)}, test questions: {len(tests)}, estimator {args.estimator}, "
-          f"reward {args.reward}, {B} x {G} rollouts per step over {world} process(es)")
+        data_parallel(value_head)
+    data_parallel(model)  # under torchrun: rank 0's weights everywhere, gradients summed by sync_gradients
+    train = load_jsonl(args.train_file, QA_FIELDS)
+    tests = load_jsonl(args.test_file, QA_FIELDS)[:args.eval_items or None]
+    retriever = SearchR1Client(args.retriever, args.retrieval_timeout) if args.retriever.startswith("http") else \
+        BM25Retriever(load_jsonl(args.corpus_file, {"id": str, "title": str, "text": str}))
+    say(f"train questions: {len(train)}, test questions: {len(tests)}, estimator {args.estimator}, "
+        f"reward {args.reward}, {B} x {G} rollouts per step, {world} process(es)")
+    logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
     optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": args.lr}] + (
         [] if value_head is None else [{"params": value_head.parameters(), "lr": args.critic_lr}]))
-    guard, data_rng, best_calls = FiniteGuard(args.max_bad_steps), random.Random(args.seed), {}  # best_calls: OTC-GRPO
-    order, cursor, start, before = list(range(len(train))), len(train), 0, {}  # data order: the same in every process
+    objects, guard = [optimizer] + [value_head] * (value_head is not None), FiniteGuard(args.max_bad_steps)
 
-    def save(step):  # resumable checkpoint: model, optimizer, value head, RNGs of every process, data and guard state
-        path = logger.save(step, model, tokenizer, optimizer, *heads, before=before, order=order, cursor=cursor,
-                           data_rng=data_rng.getstate(), best_calls=best_calls, rngs=gather([rng_states()]),
-                           guard=(guard.in_a_row, guard.skipped))
-        if path and value_head is not None:
-            torch.save(value_head.state_dict(), path / "value_head.pt")
-        return path
-
-    if args.resume:
-        state = logger.restore(optimizer, *heads)
-        start, before, order, cursor, best_calls = (state["step"] + 1, state["before"], state["order"],
-                                                    state["cursor"], state["best_calls"])
-        data_rng.setstate(state["data_rng"])
-        guard.in_a_row, guard.skipped = state["guard"]
-        if len(state["rngs"]) == world:  # each process continues its own sampling stream
-            rng = state["rngs"][rank]
-            random.setstate(rng[0]), np.random.set_state(rng[1]), torch.set_rng_state(rng[2])
-            if len(rng) > 3 and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng[3])
-        print(f"resumed {args.resume} after step {state['step']}")
-    elif args.eval_before and tests:  # 0. EM / TC / TP of the starting model
-        t0 = time.time()
-        before = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions_before.jsonl")
-        print("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
+    if args.resume:  # the model was loaded from the checkpoint; optimizer, value head, RNGs, data position, ...
+        saved = json.loads((logger.dir / "args.json").read_text())
+        changed = {k: (v, getattr(args, k)) for k, v in saved.items() if k != "resume" and getattr(args, k, v) != v}
+        _ = changed and say(f"warning: resumed with arguments other than in args.json (was, now): {changed}",
+                            file=sys.stderr)
+        state = logger.restore(*objects)
+        if len(state["rngs"]) != world:
+            sys.exit(f"{args.resume} ran in {len(state['rngs'])} processes: resume it in as many")
+        rng_state(state["rngs"][rank])
+        start, position, before, best_calls = (state[k] for k in ("step", "position", "before", "best_calls"))
+        start, (guard.in_a_row, guard.skipped) = start + 1, state["guard"]
+        say(f"resumed {logger.dir} after step {start - 1}")
+    else:  # 0. EM / TC / TP of the starting model
+        t0, start, position, before = time.time(), 0, 0, {}
+        best_calls = {}  # OTC-GRPO: question id -> fewest calls of a correct rollout so far
+        if args.eval_before and tests:
+            before = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions_before.jsonl")
+            say("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
 
     keys = ["reward", "rewards/em/mean", "tool_calls", "rewards/tool/mean", "value_loss", "explained_variance", "kl",
-            "approx_kl", "clipfrac", "time/generate_s", "time/train_s"]
-    for step in tqdm(range(start, args.total_steps), desc=args.estimator, disable=rank or not sys.stderr.isatty()):
+            "approx_kl", "clipfrac", "skipped_steps", "time/generate_s", "time/train_s"]
+    for step in tqdm(range(start, args.total_steps), desc=args.estimator, disable=rank > 0 or not sys.stderr.isatty()):
         # 1. multi-turn rollouts: G per question of this process's share, searches executed by the retriever
-        batch = []
-        while len(batch) < B:
-            if cursor >= len(order):
-                data_rng.shuffle(order)
-                cursor = 0
-            batch.append(train[order[cursor]])
-            cursor += 1
-        batch = batch[rank * B // world:(rank + 1) * B // world]
+        batch, position = prompts_at(train, args.seed, position + rank * b, b), position + B
         t_gen = time.time()
         rollouts, episodes = run_episodes(model, tokenizer, [r["question"] for r in batch], retriever, args, G,
                                           args.temperature)
         t_gen = time.time() - t_gen
 
-        # 2. rewards: EM, the OTC tool reward and their product (or EM alone)
+        # 2. rewards: EM, the OTC tool reward and their product (or EM alone); those of all processes (rank order)
         t_train = time.time()
-        comps = otc_rewards(episodes, batch, args, best_calls)
-        rewards = torch.tensor([c["total"] for c in comps])  # (b*G,) this process
+        data = collate(rollouts, tokenizer.pad_token_id, device)
+        comps = sum(gather([dict(c, calls=e["calls"], invalid=e["invalid"], kind=batch[i // G]["kind"], len=float(n))
+                            for i, (c, e, n) in enumerate(zip(otc_rewards(episodes, batch, args, best_calls), episodes,
+                                                              data["loss_mask"].sum(1)))]), [])
+        rewards = torch.tensor([c["total"] for c in comps])  # (B*G,)
         assert torch.isfinite(rewards).all(), "non-finite reward"
 
         # 3.-4. old_logp, ref_logp, rollout-time values; advantages: GAE (PPO) or group-normalised rewards (GRPO)
-        data = collate(rollouts, tokenizer.pad_token_id, device)
         inputs, logs = advantages_and_targets(model, value_head, ref_model, data, rewards, args)
 
         # 5. clipped policy loss (+ clipped value loss) over minibatches
-        stats = ppo_update(model, value_head, optimizer, data, args=args, guard=guard, **inputs)
+        stats = ppo_update(model, value_head, optimizer, data, args=args, guard=guard, seed=args.seed * 10**6 + step,
+                           **inputs)
         t_train = time.time() - t_train
 
-        # 6. log aggregates over the whole step (every process's rollouts)
-        every = gather({**c, "calls": e["calls"], "invalid": e["invalid"], "kind": batch[i // G]["kind"],
-                        "len": float(n)} for i, (c, e, n) in enumerate(zip(comps, episodes, data["loss_mask"].sum(1))))
-        rewards, calls = torch.tensor([e["total"] for e in every]), [e["calls"] for e in every]
+        # 6. log aggregates over the whole step (all processes)
+        mean = {k: float(np.mean([c[k] for c in comps])) for k in ("em", "tool", "calls", "invalid", "len")}
         row = {"reward": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else 0.0,
-               **{f"rewards/{k}/mean": float(np.mean([e[k] for e in every])) for k in ("em", "tool")},
-               **stats, **logs, "skipped_steps": guard.skipped, "tool_calls": float(np.mean(calls)),
-               **{f"tool_calls/{k}": float(np.mean([e["calls"] for e in every if e["kind"] == k]))
-                  for k in sorted({e["kind"] for e in every})},
-               "invalid_actions": float(np.mean([e["invalid"] for e in every])),
-               "completion_len": float(np.mean([e["len"] for e in every])),
-               "tokens_per_s": sum(e["len"] for e in every) / max(t_gen, 1e-9), "time/generate_s": t_gen,
+               "rewards/em/mean": mean["em"], "rewards/tool/mean": mean["tool"], **stats, **logs,
+               "skipped_steps": guard.skipped, "tool_calls": mean["calls"],
+               **{f"tool_calls/{k}": float(np.mean([c["calls"] for c in comps if c["kind"] == k]))
+                  for k in sorted({c["kind"] for c in comps})},
+               "invalid_actions": mean["invalid"], "completion_len": mean["len"],
+               "tokens_per_s": mean["len"] * len(comps) / max(t_gen, 1e-9), "time/generate_s": t_gen,
                "time/train_s": t_train}
         if G > 1:
-            row["frac_reward_zero_std"] = float((rewards.view(-1, G).std(1) < 1e-6).float().mean())
+            row["frac_reward_zero_std"] = float((rewards.view(B, G).std(1) < 1e-6).float().mean())
         logger.log(step, row, keys=keys)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.total_steps:
-            save(step)
+        if (args.save_every and (step + 1) % args.save_every == 0) or (args.save_model and step + 1 == args.total_steps):
+            path = logger.save(step, model, tokenizer, *objects, position=position, rngs=gather(rng_state()),
+                               guard=(guard.in_a_row, guard.skipped), before=before, best_calls=best_calls)
+            _ = path and value_head is not None and torch.save(value_head.state_dict(), path / "value_head.pt")
 
     # 7. EM / TC / TP after training
     after = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions.jsonl") \
         if tests and args.total_steps > 0 else {}
-    print("after:", json.dumps(after))
+    say("after:", json.dumps(after))
     summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
                "test_questions": len(tests), "train_questions": len(train), "skipped_steps": guard.skipped}
     if args.save_model and args.total_steps > 0:
-        summary["checkpoint"] = str(save(args.total_steps - 1))
-    print(json.dumps(logger.finish(summary), indent=1))
+        summary["checkpoint"] = str(logger.dir / "checkpoint")
+    say(json.dumps(logger.finish(summary), indent=1))
     return summary
 
 
