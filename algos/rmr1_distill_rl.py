@@ -297,7 +297,7 @@ def evaluate(model, tokenizer, pairs, args, path, prefix):
     """Greedy judgement of every pair in both orders -> accuracy (mean over both orders), accuracy per order,
     both-orders-right, position consistency, verdict-format rate, overall and per category; one line per pair in
     path. Under torchrun each process judges every world-th pair; rank 0 writes the file, all get the scores."""
-    rank, world = rank_world()
+    rank, world = distributed()
     mine = range(rank, len(pairs), world)
     texts = generate(model, tokenizer, start_rollouts(tokenizer, [pair_messages(pairs[i], y) for i in mine
                                                                   for y in "AB"], n=1),
@@ -358,48 +358,43 @@ def _logprobs_in_chunks(model, data, args):
     return out
 
 
-def rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def seed_of(*keys):
+    """A seed from keys like (seed, "sample", step, rank): the same in every process and run (resume needs no RNG)."""
+    return random.Random(repr(keys)).getrandbits(63)
 
 
-def gather(obj):
-    """[obj of process 0, obj of process 1, ...] under torchrun (all_gather_object); [obj] in one process."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+def gather(x):
+    """[x of each process] in rank order (any picklable x); [x] in one process."""
+    out = [x] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(out, x)
     return out
 
 
-def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=None, generator=None):
-    """Steps 4-5 of a GRPO iteration on one rollout batch (collated (N, T) tensors, advantages (N,)): old_logp and
-    ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over token-sized micro-batches.
-    Without a KL term (beta = 0) a sequence with advantage 0 has exactly zero gradient: it is skipped (the weights
-    still count it: the same update). Under torchrun `data` is this process's share, whole groups, as many on each
-    process, in rank order: minibatches are drawn over the global batch with `generator` (the same on every process),
-    losses are normalised by global counts and sync_gradients sums the gradients: the one-process update. A step
-    with a non-finite loss or gradient is skipped (`guard`, FiniteGuard). Returns token-weighted means (over all
-    processes) of the loss metrics and the mean grad_norm."""
+def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=None, seed=0):
+    """Steps 4-5 of a GRPO iteration on this process's rows (collated (N, T) tensors, advantages (N,)): old_logp,
+    ref_logp, then ppo_epochs x num_minibatches optimizer steps over token-sized micro-batches. A minibatch is a
+    share of a permutation (`seed`: the same in every process) of all processes' groups (or rows); losses are
+    normalised by its global row and token counts, so the gradient summed by sync_gradients is the one-process one.
+    Without KL (beta = 0) an advantage-0 sequence has zero gradient: skipped (still counted: the same update). A
+    non-finite loss or gradient skips the step (guard). -> metrics (token-weighted over all processes)."""
+    (rank, world), guard = distributed(), guard or FiniteGuard(args.max_bad_steps)
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
-    assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
-    (rank, world), guard = rank_world(), guard or FiniteGuard(args.max_bad_steps)
+    assert loss_mask.sum() > 0, "empty loss_mask"
     active = (advantages != 0) | (args.beta > 0)  # (N,)
     old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
     ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
     unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
-    n_local, keys = len(loss_mask) // unit, ["policy_loss", "clipfrac", "approx_kl", "ratio_mean", "kl"][:4 + (
-        ref_logp is not None)]
-    sums, grad_norms = torch.zeros(len(keys) + 1, dtype=torch.float64), []  # sums of value x tokens, then tokens
+    n, gen = len(loss_mask) // unit, torch.Generator().manual_seed(seed)  # this process: units rank * n + (0..n-1)
+    keys = ["policy_loss", "clipfrac", "approx_kl", "ratio_mean"] + ["kl"] * (ref_logp is not None)
+    sums, norms = torch.zeros(len(keys) + 1, dtype=torch.float64), []  # token-weighted sums, then tokens
     for epoch in range(args.ppo_epochs):
-        perm, per = torch.randperm(n_local * world, generator=generator), n_local * world // args.num_minibatches
-        assert per > 0, f"{len(perm)} groups (or rows) cannot fill {args.num_minibatches} minibatches"
-        for m in range(args.num_minibatches):
-            mine = perm[m * per:(m + 1) * per]
-            mine = mine[mine // n_local == rank] - rank * n_local  # this process's units of minibatch m (maybe none)
-            idx = (mine[:, None] * unit + torch.arange(unit)).flatten()
-            mini_rows, mini_tokens = per * unit, all_reduce(float(loss_mask[idx].sum()))  # global counts
+        for m, units in enumerate(torch.randperm(n * world, generator=gen).view(args.num_minibatches, -1)):
+            mini_rows, units = len(units) * unit, units[units // n == rank] - rank * n  # this process's share
+            idx = (units[:, None] * unit + torch.arange(unit)).flatten()  # its rows of minibatch m (maybe none)
+            mini_tokens = all_reduce(float(loss_mask[idx].sum()))  # global counts
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
-            loss_sum = 0.0
+            mini_loss = 0.0
             for k, mb in enumerate(micro_batches(data, idx[active[idx].cpu()], args)):
                 logp = _logprobs(model, data, mb, args)  # (b, width)
                 width = logp.shape[1]
@@ -408,35 +403,22 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=
                     None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
                 n_tok = float(loss_mask[mb].sum())
-                weighted = loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)
-                weighted.backward()
-                loss_sum += weighted.item()
+                (weighted := loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)).backward()
+                mini_loss += weighted.item()
                 if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
                     ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
                     assert abs(ratio - 1) < 1e-2 and akl < 1e-3, \
                         f"first minibatch: ratio_mean {ratio}, approx_kl {akl}: sampler and trainer disagree"
                 assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
-                sums += torch.tensor([loss.item() * n_tok] + [float(metrics[k]) * n_tok for k in keys[1:]] + [n_tok],
-                                     dtype=torch.float64)
-            sync_gradients(model)  # every gradient becomes its sum over processes (a no-op in one process)
+                sums += torch.tensor([loss.item() * n_tok] + [float(metrics[k]) * n_tok for k in keys[1:]] + [n_tok])
+            sync_gradients(model)  # each gradient: its sum over processes
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            grad_norms.append(float(grad_norm))
-            if guard.ok(all_reduce(loss_sum), grad_norm):  # the same decision on every process
+            if guard.ok(all_reduce(mini_loss), grad_norm):  # the same decision in every process
                 optimizer.step()
+            norms.append(float(grad_norm))
     sums = all_reduce(sums)
-    return {**{k: float(sums[i] / max(float(sums[-1]), 1e-9)) for i, k in enumerate(keys)},
-            "grad_norm": float(np.mean(grad_norms))}
-
-
-def rng_state():
-    return random.getstate(), np.random.get_state(), torch.get_rng_state(), \
-        torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-
-
-def set_rng_state(state):
-    random.setstate(state[0]), np.random.set_state(state[1]), torch.set_rng_state(state[2])
-    if state[3] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state[3])
+    return {**{k: float(s / max(sums[-1], 1e-9)) for k, s in zip(keys, sums)}, "grad_norm": float(np.mean(norms)),
+            "skipped_steps": guard.skipped}
 
 
 def main(args):
@@ -473,7 +455,7 @@ def main(args):
                   f"{changed}", file=sys.stderr)
     logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    guard, perm_gen = FiniteGuard(args.max_bad_steps), torch.Generator().manual_seed(args.seed)
+    guard = FiniteGuard(args.max_bad_steps)
     data_rng, slot_rng = random.Random(args.seed), random.Random(args.seed + 1)  # the same on every process
     order, cursor, n_drawn, start, before = list(range(len(train))), len(train), 0, 0, {}
     if args.resume:  # everything the loop carries from step to step (saved by logger.save below)
@@ -481,10 +463,7 @@ def main(args):
         start, order, cursor, n_drawn, before = (state["step"] + 1, *(state[k] for k in ("order", "cursor",
                                                                                          "n_drawn", "before")))
         data_rng.setstate(state["data_rng"]), slot_rng.setstate(state["slot_rng"])
-        perm_gen.set_state(state["perm_gen"])
         guard.skipped, guard.in_a_row = state["guard"]
-        if len(state["rng_ranks"]) == world:  # this process's own sampling RNGs (restore set rank 0's)
-            set_rng_state(state["rng_ranks"][rank])
         say(f"resumed {args.resume} after step {state['step']}")
     else:  # 0. pairwise accuracy of the starting model, both orders
         t0 = time.time()
@@ -509,6 +488,7 @@ def main(args):
                           else slot_rng.choice("AB"))
             cursor, n_drawn = cursor + 1, n_drawn + 1
         batch, labels = batch[mine], labels[mine]
+        torch.manual_seed(seed_of(args.seed, "sample", step, rank))  # per process; a resumed run draws the same
         t_gen = time.time()
         rollouts = start_rollouts(tokenizer, [pair_messages(p, y) for p, y in zip(batch, labels)], n=G)
         raw = generate(model, tokenizer, rollouts, args.max_new_tokens, args.temperature,
@@ -531,7 +511,8 @@ def main(args):
 
         # 4.-5. old_logp, then several minibatch updates of the clipped surrogate with the k3 KL
         data = collate(rollouts, tokenizer.pad_token_id, device)
-        stats = grpo_update(model, optimizer, data, advantages, args, ref_model, guard, perm_gen)
+        stats = grpo_update(model, optimizer, data, advantages, args, ref_model, guard,
+                            seed=seed_of(args.seed, "minibatches", step))
         t_train = time.time() - t_train
 
         # 6. log aggregates over the whole step (every process's rows)
@@ -547,14 +528,14 @@ def main(args):
                **{k: float(v) for k, v in zip(["verdict_format", "eval_parse_acc", "says_A", "label_A", "type_tag",
                                                "completion_len", "clipped_ratio"], per_row)},
                "entropy": per_row[7] / max(per_row[5], 1e-9),  # Monte-Carlo: mean -log p of the sampled tokens
-               **stats, "skipped_steps": guard.skipped,
+               **stats,
                "tokens_per_s": all_reduce(float(n_new.sum())) / max(t_gen, 1e-9), "time/generate_s": t_gen,
                "time/train_s": t_train}
         logger.log(step, row, keys=keys)
         if args.save_every and (step + 1) % args.save_every == 0 or args.save_model and step + 1 == args.total_steps:
             logger.save(step, model, tokenizer, optimizer, order=list(order), cursor=cursor, n_drawn=n_drawn,
-                        data_rng=data_rng.getstate(), slot_rng=slot_rng.getstate(), perm_gen=perm_gen.get_state(),
-                        guard=(guard.skipped, guard.in_a_row), before=before, rng_ranks=gather(rng_state()))
+                        data_rng=data_rng.getstate(), slot_rng=slot_rng.getstate(),
+                        guard=(guard.skipped, guard.in_a_row), before=before)
 
     # 7. pairwise accuracy after training; every judgement in predictions_<set>.jsonl
     after = {}

@@ -62,7 +62,7 @@ ALGO_KEYS = ["reward", "reward_std", "entropy", "policy_loss", "clipfrac", "appr
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
-    cmd = [sys.executable, SCRIPT, "--model", "tiny", "--total-steps", "6", "--prompts-per-step", "2",
+    cmd = [sys.executable, SCRIPT, "--model", "tiny", "--total-steps", "5", "--prompts-per-step", "2",
            "--group-size", "2", "--max-new-tokens", "12", "--eval-file", "", "--hhh-file", "", "--save-every", "1",
            "--save-model", "false", "--label-slot", "random", "--exp-name", "res"]
     whole = subprocess.Popen(cmd + ["--runs-dir", str(tmp_path / "a")], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -80,7 +80,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     killed.send_signal(signal.SIGKILL)                                                   # mid-run, no clean-up
     assert killed.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
     run = next(tmp_path.glob("b/res__1__*"))
-    assert len(rows_of(run)) < 6
+    assert len(rows_of(run)) < 5
     # resumed with one harmless difference (the run folder is RUN_DIR whatever the name): warned about
     resumed = subprocess.run(cmd + ["--runs-dir", str(tmp_path / "b"), "--resume", str(run), "--exp-name", "x"],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
@@ -88,15 +88,15 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert "warning: resuming" in resumed.stderr and "'exp_name': ['res', 'x']" in resumed.stderr
     assert whole.wait(240) == 0, whole.stderr.read()[-3000:]
     want, got = rows_of(next(tmp_path.glob("a/res__1__*"))), rows_of(run)
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(6))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(5))
     for a, b in zip(want, got):
         torch.testing.assert_close({k: b[k] for k in ALGO_KEYS}, {k: a[k] for k in ALGO_KEYS}, rtol=0, atol=0)
-    assert len({r["entropy"] for r in want}) == 6 and {r["skipped_steps"] for r in want} == {0}  # samples differ
+    assert len({r["entropy"] for r in want}) == 5 and {r["skipped_steps"] for r in want} == {0}  # samples differ
     # the last checkpoints agree too: weights, Adam's state (its step count), RNGs, data cursor
     ckpt_a, ckpt_b = (next(tmp_path.glob(f"{d}/res__1__*")) / "checkpoint" for d in "ab")
     state_a, state_b = (torch.load(c / "trainer_state.pt", weights_only=False) for c in (ckpt_a, ckpt_b))
     torch.testing.assert_close(state_b["objects"], state_a["objects"], rtol=0, atol=0)
-    assert state_a["objects"][0]["state"][0]["step"] == 2 * 6                           # 2 minibatches a step
+    assert state_a["objects"][0]["state"][0]["step"] == 2 * 5                           # 2 minibatches a step
     assert state_b["extra"]["cursor"] == state_a["extra"]["cursor"] and state_b["extra"]["order"] == \
         state_a["extra"]["order"]
     torch.testing.assert_close(state_b["rng"][2], state_a["rng"][2], rtol=0, atol=0)
@@ -157,7 +157,7 @@ for name, kw in [("grpo_kl", dict(beta=0.01)), ("dapo_recompute", dict(loss_type
     adv = group_advantages(rewards, 3, scale=args.adv_scale)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     stats = grpo_update(model, opt, {k: v[rows] for k, v in data.items()}, adv[rows], args,
-                        ref if args.beta > 0 else None, generator=torch.Generator().manual_seed(5))
+                        ref if args.beta > 0 else None, seed=5)
     torch.save({"params": [p.detach().clone() for p in model.parameters()], "stats": stats},
                f"{sys.argv[1]}/{name}_{world}_{rank}.pt")
 """
@@ -195,6 +195,5 @@ def test_torchrun_smoke_tiny(tmp_path):
     preds = [json.loads(line) for line in open(runs[0] / "predictions_synth.jsonl")]
     assert len(preds) == 4 and preds == sorted(preds, key=lambda p: p["id"])           # both processes' pairs
     assert torch.load(runs[0] / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
-    assert len(torch.load(runs[0] / "checkpoint" / "trainer_state.pt", weights_only=False)["extra"]["rng_ranks"]) == 2
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["after/synth/pairs"] == 4 and out.stdout.count("step    0") == 1      # rank 0 prints
