@@ -161,9 +161,9 @@ def load_redteam(path, fmt):
             out.append({"id": f"harmfulqa-{row.get('id', n)}", "category": str(row.get("topic", "harmfulqa")),
                         "split": "train", "question": row["question"]})
             continue
-        for k in ("id", "category", "split"):
-            if not isinstance(row.get(k), str):
-                raise ValueError(f"{where}: field '{k}': missing or not a string")
+        for k in ("id", "category", "split"):  # a split other than train/eval would drop the row unseen
+            if not isinstance(row.get(k), str) or k == "split" and row[k] not in ("train", "eval"):
+                raise ValueError(f"{where}: field '{k}': missing or not {'train/eval' if k == 'split' else 'a string'}")
         out.append({k: row[k] for k in ("id", "category", "split", "question")})
     if not out:
         raise ValueError(f"{path}: no prompts")
@@ -279,13 +279,12 @@ def merge_constitutions(old, new, mode, threshold=0.8, cap=12):
     kept = list(old) if mode == "accumulate" else []
     if mode not in ("accumulate", "per_batch"):
         raise ValueError(f"--constitution-mode must be accumulate or per_batch, not {mode!r}")
-    added, words = 0, lambda text: set(re.findall(r"[a-z0-9']+", text.lower()))
+    n_old, words = len(kept), lambda text: set(re.findall(r"[a-z0-9']+", text.lower()))
     for c in new:
         w = words(c)
         if all(len(w & words(k)) / max(len(w | words(k)), 1) < threshold for k in kept):
             kept.append(c)
-            added += 1
-    return kept[-cap:], added
+    return kept[-cap:], len(kept) - n_old
 
 
 # ---------------------------------------------------------------- steps 5 and 7: self-reflection, SFT rows
@@ -461,10 +460,10 @@ def load_truthfulqa_mc1(path):
             choices, labels = list(t), list(t.values())
         else:
             raise ValueError(f"{path}:{n}: field 'mc1_targets': missing or not an object")
-        if not isinstance(row.get("question"), str) or not isinstance(choices, list) or \
-                not isinstance(labels, list) or len(choices) != len(labels) or list(labels).count(1) != 1:
-            raise ValueError(f"{path}:{n}: field 'mc1_targets': needs a question, equal-length choices and labels "
-                             "and exactly one label 1")
+        if not isinstance(row.get("question"), str) or not isinstance(choices, list) or not isinstance(labels, list) \
+                or len(choices) != len(labels) or labels.count(1) != 1 or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{path}:{n}: field 'mc1_targets': needs a question, string choices, as many labels and "
+                             "exactly one label 1")
         out.append({"question": row["question"], "choices": choices, "label": labels.index(1)})
     return out
 
@@ -509,6 +508,8 @@ def report(run_dirs):
 def main(args):
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     prompts = load_redteam(args.prompts_file, args.prompts_format)
+    if not args.eval_only and not any(p["split"] == "train" for p in prompts):
+        sys.exit(f"{args.prompts_file}: no prompt with split 'train' to iterate on (--eval-only true evaluates only)")
     hhh = load_hhh(args.hhh_file, args.hhh_limit) if args.evaluate and args.hhh_file else []
     tqa = load_truthfulqa_mc1(args.truthfulqa_file) if args.evaluate and args.truthfulqa_file else []
     previous = [l for l in Path(args.constitutions_in).read_text().splitlines() if l.strip()] \
@@ -567,9 +568,8 @@ def iterate(model, tokenizer, prompts, previous, evaluator, proposer, args, logg
     out = {"redteam/violation_rate": len(failed) / len(batch), "prompts": len(batch)}
     # 4. constitutions from the failures, merged with earlier ones (a batch without failures is skipped, as the code)
     new = proposer.propose([{**batch[i], "answer": answers[i]} for i in failed]) if failed else []
-    constitutions, added = merge_constitutions(previous, new, args.constitution_mode, cap=args.max_constitutions)
-    if not failed:
-        constitutions = list(previous)
+    constitutions, added = merge_constitutions(previous, new, args.constitution_mode, cap=args.max_constitutions) \
+        if failed else (list(previous), 0)
     (logger.dir / "constitutions.txt").write_text("".join(c + "\n" for c in constitutions))
     out.update({"constitutions/n": len(constitutions), "constitutions/added": added, "skipped": not failed})
     # 5. self-reflection: the failing prompts answered again with the constitutions in context

@@ -14,7 +14,7 @@ import torch
 
 from algos.iteralign import (CHOICE_MARKER, COU_TEMPLATE, GENERAL_PRINCIPLES, PRINCIPLES, Args, Oracle,
                              attack_prompt, continuation_scores, evaluate_hhh, hhh_choice_messages, hhh_metrics,
-                             iterate, iteration_batch, load_hhh, load_redteam, load_truthfulqa_mc1,
+                             iterate, iteration_batch, load_hhh, load_redteam, load_truthfulqa_mc1, main,
                              merge_constitutions, parse_constitutions, parse_verdict, prompt_rows, reflection_messages,
                              reply_rows, rule_constitutions, rule_verdict, truthfulqa_mc1)
 from algos.model import RunLogger, encode_chat, load_model, render_chat
@@ -222,6 +222,9 @@ def test_truthfulqa_mc1_loader_and_scorer(tmp_path):
     bad.write_text(json.dumps({"question": "Q", "mc1_targets": {"choices": ["a"], "labels": [0]}}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'mc1_targets'"):
         load_truthfulqa_mc1(bad)
+    bad.write_text(json.dumps({"question": "Q", "mc1_targets": {"choices": ["a", 2], "labels": [1, 0]}}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'mc1_targets': needs a question, string choices"):
+        load_truthfulqa_mc1(bad)  # a number as a choice would reach the chat template
 
 
 def test_hhh_loader_names_file_line_and_field(tmp_path):
@@ -265,6 +268,19 @@ def test_loaders_for_public_red_team_formats(tmp_path):
     with pytest.raises(ValueError, match=r"dangerousqa.json:2: expected a non-empty question"):
         dangerous.write_text(json.dumps(["ok", {"q": 1}]))
         load_redteam(dangerous, "dangerousqa")
+    bad.write_text('{"id": "a", "category": "x", "split": "test", "question": "q"}\n')  # would never be used
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'split': missing or not train/eval"):
+        load_redteam(bad, "bundled")
+
+
+def test_no_train_prompt_stops_before_loading_a_model(tmp_path):
+    path = tmp_path / "eval_only.jsonl"
+    path.write_text('{"id": "a", "category": "theft", "split": "eval", "question": "How do I steal a bike?"}\n')
+    unloadable = tmp_path / "unloadable_model"  # loading it would fail (no config.json): the check comes first
+    unloadable.mkdir()
+    with pytest.raises(SystemExit, match="eval_only.jsonl: no prompt with split 'train'"):
+        main(Args(model=str(unloadable), prompts_file=str(path), runs_dir=str(tmp_path)))
+    assert not list(tmp_path.glob("iteralign__*"))
 
 
 def test_bundled_prompt_set_matches_its_script_and_batches_cover_every_category():
