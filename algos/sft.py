@@ -16,8 +16,11 @@ Differences from the papers, and why:
    apply its greedy minimum dominating set to the training rows themselves: rows are nodes, an edge joins two rows
    whose user turns share an entity, and a regex (numbers, capitalised words not opening a sentence) stands in for
    the paper's NER. The selected rows are the training set; there is no augmentation loss.
-4. Tool-decision accuracy (our evaluation): greedy decoding of the first assistant turn on held-out questions; a
-   tool call is the `(tool: ...)` marker or a `Code:`/`Search:` request line. No tool is executed.
+4. Evaluation on our held-out rows, not SMART's benchmarks: (a) tool-decision accuracy: greedy first assistant
+   turn; a tool call is the `(tool: ...)` marker or a `Code:`/`Search:` line; nothing is executed. (b) Agentic, as
+   SMART scores it (final-answer accuracy and tool calls per question), on --agent-rows questions: `Code:` requests
+   run in run_python (a process-level sandbox), `Search:` requests get the row's recorded snippet (no search engine;
+   'no result' for rows without one), at most --max-tool-calls calls; a small model can misuse Code at will.
 
 Usage (from the repository root):
     python algos/sft.py                                   # SmolLM2-135M on data/smart_er_train.jsonl
@@ -98,6 +101,12 @@ class Args:
     eval_rows: int = arg(32, "held-out rows used for the loss (0 = all)", low=0)
     decision_rows: int = arg(60, "held-out questions for the tool-decision accuracy at start and end (0 = skip)", low=0)
     decision_tokens: int = arg(48, "max new tokens when probing the tool decision", low=1)
+    agent_rows: int = arg(8, "held-out questions answered agentically at start and end (Code run in run_python, "
+                              "Search from the row's recorded output): final-answer accuracy, tool calls per "
+                              "question (SMART's metrics); 0 = skip", low=0)
+    agent_tokens: int = arg(64, "max new tokens per assistant turn in the agentic evaluation", low=1)
+    max_tool_calls: int = arg(2, "tool calls per question in the agentic evaluation; a further request ends it "
+                                 "unanswered", low=0)
     save_every: int = arg(0, "steps between resumable checkpoints (0 = only at the end); each replaces the last whole",
                           low=0)
     resume: str = arg("", "RUN_DIR: continue that run from its checkpoint (model, optimizer, scheduler, RNGs, data "
@@ -236,11 +245,11 @@ def run_python(code: str, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: int
     output file size (stdout/stderr go to files in its folder, RLIMIT_FSIZE) and processes (RLIMIT_NPROC); an empty
     temporary working folder, removed afterwards; an environment with PATH and a locale only. Run as root, the child
     becomes `nobody` (65534) before the code starts (after importing math, decimal, fractions, statistics, re, json
-    and a few more: an interpreter under a private home folder is unreadable to nobody), so the process limit and file permissions bite and other
-    processes' /proc/<pid>/environ is unreadable; an audit hook (sys.addaudithook) refuses writes outside its folder
-    and opens under /proc. This is a process-level sandbox against accidents and a small model's mistakes, NOT a
-    security boundary against a determined attacker (ctypes, a forked child that calls setsid, a kernel bug): for
-    that run it inside a container, gVisor or nsjail."""
+    and a few more: an interpreter under a private home folder is unreadable to nobody), so the process limit and
+    file permissions bite and other processes' /proc/<pid>/environ is unreadable; an audit hook (sys.addaudithook)
+    refuses writes outside its folder and opens under /proc. This is a process-level sandbox against accidents and
+    a small model's mistakes, NOT a security boundary against a determined attacker (ctypes, a forked child that
+    calls setsid, a kernel bug): for that, run it inside a container, gVisor or nsjail."""
     folder, fsize = None, max(65536, 16 * max_output)
     try:
         folder = tempfile.mkdtemp(prefix="sandbox-")
@@ -378,6 +387,55 @@ def decision_accuracy(model, tokenizer, rows, max_new_tokens):
             "acc_no_tool": float((~calls[~needs]).mean()) if (~needs).any() else float("nan")}, texts
 
 
+def tool_request(text):
+    """The last `Code: <expression>` or `Search: <query>` line of an assistant turn -> (tool, argument) or None."""
+    found = re.findall(r"^\s*(Code|Search):[ \t]*(.*\S)", text, re.M)
+    return found[-1] if found else None
+
+
+def final_correct(text, answer):
+    """The reference answer as a whole word (case-insensitive) in the final response: after the last '### Final
+    Response', or the last assistant turn's text where the model never writes the marker. Never raises."""
+    final = text.rsplit("### Final Response", 1)[-1]
+    return bool(answer) and re.search(rf"(?<![\w.]){re.escape(str(answer).lower())}(?!\w)", final.lower()) is not None
+
+
+def agentic_eval(model, tokenizer, rows, max_new_tokens, max_tool_calls, code_timeout_s=5.0):
+    """SMART's evaluation on held-out rows: greedy assistant turns; a turn that ends in a `Code:` request has the
+    expression run by run_python (the sandbox; errors come back as the output, as a tool would answer), a `Search:`
+    request gets the row's own recorded tool output ('no result' for rows without one), inserted as a `tool` turn
+    '- Output: ...' as in the training data; after each output the model continues, to its final response. At most
+    max_tool_calls calls: a further request ends a wrong, unanswered episode.
+    -> ({agent_acc, tool_calls (per question), code_errors}, transcripts)."""
+    model.eval()
+    chats = [list(r["messages"][:next((i for i, m in enumerate(r["messages"]) if m["role"] == "assistant"),
+                                      len(r["messages"]))]) for r in rows]  # the prompt: up to the first answer
+    recorded = [next((m["content"] for m in r["messages"] if m["role"] == "tool"), "- Output: no result") for r in rows]
+    calls, errors, done, start = [0] * len(rows), 0, [False] * len(rows), [len(c) for c in chats]
+    while not all(done):
+        todo = [i for i in range(len(rows)) if not done[i]]
+        texts = generate(model, tokenizer, start_rollouts(tokenizer, [chats[i] for i in todo]), max_new_tokens,
+                         temperature=0, batch_size=32)
+        for i, text in zip(todo, texts):
+            text = text.split(tokenizer.eos_token)[0]
+            chats[i].append({"role": "assistant", "content": text})
+            request = tool_request(text) if "### Final Response" not in text else None
+            if request is None or calls[i] >= max_tool_calls:
+                done[i] = True
+                continue
+            calls[i] += 1
+            ok, out = run_python(f"print({request[1]})", timeout_s=code_timeout_s) if request[0] == "Code" else \
+                (True, recorded[i].removeprefix("- Output: "))
+            errors += not ok
+            chats[i].append({"role": "tool", "content": "- Output: " + (out.strip() if ok else f"error: {out}")})
+    unanswered = [tool_request(c[-1]["content"]) is not None and "### Final Response" not in c[-1]["content"]
+                  for c in chats]
+    correct = [final_correct(c[-1]["content"], r.get("answer")) and not u for c, r, u in zip(chats, rows, unanswered)]
+    return {"agent_acc": float(np.mean(correct)), "tool_calls": float(np.mean(calls)), "code_errors": errors}, \
+        [{"id": r.get("id"), "correct": ok, "tool_calls": n, "messages": c[k:]}
+         for r, ok, n, c, k in zip(rows, correct, calls, chats, start)]
+
+
 # ---------------------------------------------------------------- training
 def warn_changed_args(run_dir, args):
     """Resuming with other arguments than the run's args.json is allowed (more steps...), but said on stderr
@@ -403,6 +461,7 @@ def main(args):
     train = tokenize(tokenizer, train_rows, args.max_len)
     held = tokenize(tokenizer, eval_rows[:args.eval_rows or None], args.max_len)
     probe = [r for r in eval_rows if "needs_tool" in r][:args.decision_rows]
+    agent = [r for r in eval_rows if "answer" in r][:args.agent_rows]
     if not train:
         raise ValueError(f"{args.train_file}: no row has an assistant token within --max-len {args.max_len}")
     logger = RunLogger(args.exp_name, args.seed, args, args.output_dir, resume=args.resume)
@@ -425,13 +484,16 @@ def main(args):
         if probe and logger.main:
             start, texts = decision_accuracy(model, tokenizer, probe, args.decision_tokens)
             state["summary"].update({f"{k}_start": v for k, v in start.items()})
+        if agent and logger.main:
+            start, _ = agentic_eval(model, tokenizer, agent, args.agent_tokens, args.max_tool_calls)
+            state["summary"].update({f"{k}_start": v for k, v in start.items()})
     summary, metrics, order, cursor = state["summary"], state["metrics"], state["order"], state["cursor"]
     tokens_seen, t0 = state["tokens_seen"], time.time() - state["train_time"]
 
     def save(step):
-        return logger.save(step, model, tokenizer, optimizer, scheduler, order=order, cursor=cursor, tokens_seen=tokens_seen,
-                    train_time=time.time() - t0, metrics=metrics, summary=summary, guard=(guard.in_a_row,
-                                                                                          guard.skipped))
+        return logger.save(step, model, tokenizer, optimizer, scheduler, order=order, cursor=cursor,
+                           tokens_seen=tokens_seen, train_time=time.time() - t0, metrics=metrics, summary=summary,
+                           guard=(guard.in_a_row, guard.skipped))
 
     for step in tqdm(range(state["step"] + 1, args.max_steps + 1), desc="sft", disable=None if logger.main else True):
         batch = []
@@ -464,6 +526,10 @@ def main(args):
             for row, text in zip(probe, texts):
                 f.write(json.dumps({"id": row.get("id"), "needs_tool": row["needs_tool"], "completion": text,
                                     "decision": tool_decision(text)}) + "\n")
+    if agent and logger.main:
+        end, transcripts = agentic_eval(model, tokenizer, agent, args.agent_tokens, args.max_tool_calls)
+        summary.update({f"{k}_end": v for k, v in end.items()})
+        (logger.dir / "agent.jsonl").write_text("".join(json.dumps(t) + "\n" for t in transcripts))
     summary = logger.finish(summary)
     say(json.dumps(summary, indent=2))
     return summary

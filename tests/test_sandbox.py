@@ -10,15 +10,15 @@ from algos.sft import run_python
 ROOT_USER = os.geteuid() == 0
 
 
-def nobody_processes(zombies=False):
-    """Processes of uid 65534, zombies (killed, waiting for init to reap them) only if asked."""
+def nobody_processes():
+    """Running processes of uid 65534 (not zombies: killed ones wait for init to reap them)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             status = open(f"/proc/{pid}/status").read()
         except OSError:
             continue
-        if "\nUid:\t65534\t" in status and (zombies or "State:\tZ" not in status):
+        if "\nUid:\t65534\t" in status and "State:\tZ" not in status:
             found.append(pid)
     return found
 
@@ -29,7 +29,8 @@ def still_works():
 
 def test_normal_code_returns_its_output():
     assert run_python("print(47 * 89)") == (True, "4183\n")
-    assert run_python("import math, fractions\nprint(math.comb(10, 3), fractions.Fraction(3, 6))") == (True, "120 1/2\n")
+    code = "import math, fractions\nprint(math.comb(10, 3), fractions.Fraction(3, 6))"
+    assert run_python(code) == (True, "120 1/2\n")
     ok, text = run_python("x = 1 / 0")
     assert not ok and text == "ZeroDivisionError: division by zero"
     ok, text = run_python("print('a'")
@@ -54,21 +55,28 @@ def test_cpu_bound_loop_stops_at_the_first_limit():
     still_works()
 
 
+def no_live_nobody_process_soon():
+    """Killed processes may take a moment to die on a loaded machine; none may be left running."""
+    for _ in range(50):
+        if not nobody_processes():
+            return True
+        time.sleep(0.1)
+    return nobody_processes()
+
+
 def test_fork_bomb_is_contained_and_leaves_no_process():
     t = time.time()
     ok, text = run_python("import os\nwhile True:\n    os.fork()", timeout_s=3)
-    assert not ok and len(text) < 120 and time.time() - t < 15
+    assert not ok and len(text) < 120 and time.time() - t < 15, text
     if ROOT_USER:  # the child ran as nobody: its process limit bit, and the group kill left nothing running
-        assert "Resource temporarily unavailable" in text or text.startswith("timeout")
-        assert nobody_processes() == []
-        for _ in range(100):  # killed processes still count against nobody's process limit until init reaps them
-            if not nobody_processes(zombies=True):
-                break
-            time.sleep(0.1)
-    ok, text = run_python("import os\nif os.fork() == 0:\n    import time\n    time.sleep(60)\nprint('parent')")
-    assert ok and text == "parent\n"  # a child left sleeping behind a finished run is killed with its group
+        assert "Resource temporarily unavailable" in text or text.startswith("timeout"), text
+        assert no_live_nobody_process_soon() is True
+    # a child left sleeping behind a finished run is killed with its group (a higher process limit: the bomb's
+    # killed processes count against nobody's limit until init reaps them)
+    code = "import os\nif os.fork() == 0:\n    import time\n    time.sleep(60)\nprint('parent')"
+    assert run_python(code, max_procs=256) == (True, "parent\n")
     if ROOT_USER:
-        assert nobody_processes() == []
+        assert no_live_nobody_process_soon() is True
     still_works()
 
 

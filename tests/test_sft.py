@@ -114,7 +114,7 @@ def test_tokenize_masks_tool_turns_and_keeps_targets():
 def test_smoke_tiny_model_through_the_command_line(tmp_path):
     cmd = [sys.executable, "algos/sft.py", "--model", "tiny", "--max-steps", "2", "--batch-size", "2",
            "--eval-every", "1", "--eval-rows", "4", "--decision-rows", "4", "--decision-tokens", "4",
-           "--save-every", "1", "--output-dir", str(tmp_path)]
+           "--save-every", "1", "--agent-rows", "3", "--agent-tokens", "4", "--output-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = tmp_path.iterdir()
@@ -125,11 +125,59 @@ def test_smoke_tiny_model_through_the_command_line(tmp_path):
     assert steps == [1, 2]
     assert (run / "checkpoint" / "config.json").exists() and (run / "args.json").exists()
     assert len((run / "decisions.jsonl").read_text().splitlines()) == 4
+    assert 0 <= summary["agent_acc_end"] <= 1 and 0 <= summary["tool_calls_start"] <= 2
+    assert len((run / "agent.jsonl").read_text().splitlines()) == 3
 
 
 def test_sft_on_the_sample_data_lowers_heldout_loss(tmp_path):
     """Learning: a dozen steps of SmolLM2-135M on SMART-ER chains cut the held-out loss by more than a third
     (the chains' format and the tool/no-tool rule are new to the model; 8 unseen test rows)."""
     summary = main(Args(model="smollm2-135m", max_steps=12, batch_size=2, lr=1e-4, max_len=384, eval_every=100,
-                        eval_rows=8, decision_rows=0, output_dir=str(tmp_path)))
+                        eval_rows=8, decision_rows=0, agent_rows=0, output_dir=str(tmp_path)))
     assert summary["eval_loss_end"] < 0.65 * summary["eval_loss_start"], summary
+
+
+def test_tool_request_and_final_answer_parsing():
+    from algos.sft import final_correct, tool_request
+    assert tool_request("- Step 1: Multiply. (tool: Code) Hard.\nCode: 47 * 89") == ("Code", "47 * 89")
+    assert tool_request("Search: elevation of K2\n") == ("Search", "elevation of K2")
+    assert tool_request("3 + 5 = 8.\n### Final Response\n8") is None and tool_request("Code:") is None
+    assert final_correct("### Final Response\nThe answer is 4183.", "4183")
+    assert not final_correct("### Final Response\nThe answer is 41830.", "4183")  # whole numbers only
+    assert final_correct("x\n### Final Response\nIt is paris.", "Paris") and final_correct("Paris, surely", "Paris")
+    assert not final_correct("Paris\n### Final Response\nRome", "Paris")
+    assert not final_correct("### Final Response\n", None)
+
+
+def test_agentic_eval_runs_code_answers_search_and_caps_calls(monkeypatch):
+    """Scripted model turns: Code is really executed in the sandbox, Search gets the row's recorded output, a model
+    that keeps calling tools stops at max_tool_calls; accuracy and calls per question are SMART's two metrics."""
+    import algos.sft as sft
+    rows = load_rows(str(TEST))
+    math_row = next(r for r in rows if r["tool"] == "Code")
+    search_row = next(r for r in rows if r["tool"] == "Search")
+    direct_row = next(r for r in rows if not r["needs_tool"])
+    loop_row = {"id": "loop", "answer": "1", "messages": [{"role": "user", "content": "Loop on tools?"}]}
+    expr = next(m["content"] for m in math_row["messages"] if m["role"] == "assistant").split("Code: ")[-1]
+    script = {math_row["question"]: [f"- Step 1: x. (tool: Code) y\nCode: {expr}",
+                                     f"### Final Response\nThe answer is {eval(expr)}."],
+              search_row["question"]: ["(tool: Search)\nSearch: what", "### Final Response\nIt is wrong."],
+              direct_row["question"]: [f"### Final Response\n{direct_row['answer']}"],
+              "Loop on tools?": ["Code: 1/0"] * 5}
+
+    def fake_generate(model, tokenizer, rollouts, max_new_tokens, **kw):
+        texts = [tokenizer.decode(r.token_ids) for r in rollouts]
+        return [script[q][t.count("<|im_start|>assistant") - 1] + tokenizer.eos_token
+                for t in texts for q in script if q in t]
+
+    monkeypatch.setattr(sft, "generate", fake_generate)
+    model, tokenizer = load_model("tiny", device="cpu")
+    metrics, transcripts = sft.agentic_eval(model, tokenizer, [math_row, search_row, direct_row, loop_row], 16, 2)
+    assert metrics == {"agent_acc": 0.5, "tool_calls": (1 + 1 + 0 + 2) / 4, "code_errors": 2}
+    assert transcripts[0]["messages"][1] == {"role": "tool", "content": f"- Output: {eval(expr)}"}
+    assert transcripts[1]["messages"][1]["content"] == next(m["content"] for m in search_row["messages"]
+                                                            if m["role"] == "tool")
+    assert transcripts[3]["messages"][1]["content"] == "- Output: error: ZeroDivisionError: division by zero"
+    assert len(transcripts[3]["messages"]) == 5  # request, error, request, error, request left unanswered
+    assert [t["correct"] for t in transcripts] == [True, False, True, False]
+    assert [t["tool_calls"] for t in transcripts] == [1, 1, 0, 2]

@@ -60,7 +60,7 @@ def test_resume_after_sigkill_continues_with_the_same_numbers(tmp_path):
     steps = 8
     cmd = [sys.executable, "algos/sft.py", "--model", "tiny", "--max-steps", str(steps), "--batch-size", "2",
            "--max-len", "256", "--lr", "1e-3", "--eval-rows", "2", "--eval-every", "2", "--decision-rows", "0",
-           "--save-every", "1"]
+           "--agent-rows", "0", "--save-every", "1"]
     whole = subprocess.Popen(cmd + ["--output-dir", str(tmp_path / "whole")], cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     cut = subprocess.Popen(cmd + ["--output-dir", str(tmp_path / "cut")], cwd=ROOT, env=ENV,
@@ -153,11 +153,13 @@ def test_two_processes_update_equals_one_process(tmp_path):
 def test_torchrun_smoke_run_of_the_script(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "algos/sft.py",
            "--model", "tiny", "--max-steps", "2", "--batch-size", "2", "--max-len", "320", "--eval-rows", "4",
-           "--eval-every", "1", "--decision-rows", "2", "--decision-tokens", "4", "--output-dir", str(tmp_path)]
+           "--eval-every", "1", "--decision-rows", "2", "--decision-tokens", "4", "--agent-rows", "2",
+           "--agent-tokens", "4", "--output-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = tmp_path.iterdir()  # one run folder: only rank 0 writes
     assert [r["step"] for r in rows(run)] == [1, 2] and all(r["skipped_steps"] == 0 for r in rows(run))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_loss_end"] > 0 and 0 <= summary["decision_acc_end"] <= 1
+    assert 0 <= summary["agent_acc_end"] <= 1 and (run / "agent.jsonl").exists()
     assert (run / "checkpoint" / "trainer_state.pt").exists() and (run / "checkpoint" / "config.json").exists()
