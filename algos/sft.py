@@ -461,7 +461,7 @@ def main(args):
     train = tokenize(tokenizer, train_rows, args.max_len)
     held = tokenize(tokenizer, eval_rows[:args.eval_rows or None], args.max_len)
     probe = [r for r in eval_rows if "needs_tool" in r][:args.decision_rows]
-    agent = [r for r in eval_rows if "answer" in r][:args.agent_rows]
+    agent = [r for r in eval_rows if "answer" in r and "needs_tool" in r][:args.agent_rows]  # SMART-ER rows
     if not train:
         raise ValueError(f"{args.train_file}: no row has an assistant token within --max-len {args.max_len}")
     logger = RunLogger(args.exp_name, args.seed, args, args.output_dir, resume=args.resume)
