@@ -57,14 +57,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python algos/decisionflow.py` finds algos/
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from algos.model import ChatClient, RunLogger, arg, model_error, parse_args, render_chat  # noqa: E402
+from algos.model import ChatClient, ChatError, RunLogger, arg, model_error, parse_args, render_chat  # noqa: E402
 
 METHODS = ("zero_shot", "cot", "self_consistency", "decisionflow")
 STEPS = ("variables", "extraction", "attributes", "weights", "scores", "decision")
@@ -472,15 +470,12 @@ def parse_answer(text, n_choices):
 def majority(answers):
     """Most common parsed answer (None entries ignored); a tie goes to the answer that reached the count first."""
     votes = [a for a in answers if a is not None]
-    if not votes:
-        return None
-    counts = Counter(votes)
-    top = max(counts.values())
-    seen = Counter()
+    top, seen = max(Counter(votes).values(), default=0), Counter()
     for a in votes:
         seen[a] += 1
         if seen[a] == top:
             return a
+    return None
 
 
 def run_baseline(client, items, method, args):
@@ -559,8 +554,12 @@ def main(args):
         # 1. run the method on every item, both targets (batched across items)
         t0, calls0 = time.time(), client.calls
         stats = {s: Counter() for s in STEPS}
-        recs = run_decisionflow(client, items, args, stats) if method == "decisionflow" else \
-            run_baseline(client, items, method, args)
+        try:
+            recs = run_decisionflow(client, items, args, stats) if method == "decisionflow" else \
+                run_baseline(client, items, method, args)
+        except ChatError as e:  # a dead or broken endpoint: stop with what it said; finished methods stay logged
+            logger.finish({**summary, "error": f"{method}: {e}"})
+            sys.exit(f"model error in {method}, run stopped (see {logger.dir}): {e}")
         seconds = time.time() - t0
         # 2. score: the chosen index must be among the right ones for the target; None (unparseable, tie) is wrong
         rows = []

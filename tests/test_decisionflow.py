@@ -4,15 +4,17 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from algos.decisionflow import (STEPS, Args, DataError, ask_json, correct_choices, decide, extract_json,
-                                filter_attributes, load_mta, majority, parse_answer, run_baseline, run_decisionflow,
-                                score, step_schema, utilities, validate)
+                                filter_attributes, load_mta, main, majority, parse_answer, run_baseline,
+                                run_decisionflow, score, step_schema, utilities, validate)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,3 +276,26 @@ def test_bad_arguments_stop_at_parse_time(tmp_path):
         assert proc.returncode == 2 and flag in err.splitlines()[-1], err[-1000:]
     # the unloadable model proves the order; the time only bounds imports (seconds each; 2-core CI under load: more)
     assert time.time() - t < 90 and not list(tmp_path.glob("decisionflow__*"))
+
+
+def test_a_bad_reply_from_a_remote_model_stops_the_run_with_a_clear_error(tmp_path):
+    class NotAChatCompletion(BaseHTTPRequestHandler):  # answers every request with HTTP 200 and no choices
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = json.dumps({"error": "model overloaded"}).encode()
+            self.send_response(200), self.send_header("Content-Length", str(len(body))), self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotAChatCompletion)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        with pytest.raises(SystemExit, match=r"model error in zero_shot, run stopped .*not a chat completion: "
+                                             r"'.*model overloaded"):
+            main(Args(model=url, methods="zero_shot", limit=1, runs_dir=str(tmp_path)))
+    finally:
+        server.shutdown(), server.server_close()
+    summary = json.loads((next(tmp_path.glob("decisionflow__*")) / "summary.json").read_text())
+    assert summary["error"].startswith("zero_shot: http://127.0.0.1") and summary["items"] == 1
