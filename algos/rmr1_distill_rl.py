@@ -35,6 +35,11 @@ Usage:
     python algos/rmr1_distill_rl.py --model runs/rmr1_sft__1__<t>/checkpoint   # GRPO from a distilled model
     python algos/rmr1_distill_rl.py --eval-only true --hhh-per-category -1      # score all 221 HHH items
     python algos/rmr1_distill_rl.py --model tiny --total-steps 2 --max-new-tokens 8   # smoke test, seconds
+    python algos/rmr1_distill_rl.py --model <ckpt> --save-every 10     # resumable <run>/checkpoint every 10 steps
+    python algos/rmr1_distill_rl.py --model <ckpt> --save-every 10 --resume runs/rmr1__1__<t>   # same args + resume
+    torchrun --nproc_per_node 2 algos/rmr1_distill_rl.py --model <ckpt>   # data parallel: each process samples and
+        # trains whole groups of its prompts_per_step / 2 pairs (the update equals one process's); each judges every
+        # 2nd evaluation pair (sharded; rank 0 writes); --max-bad-steps K: stop after K non-finite steps in a row
 Expected at the defaults (2-core CPU): the shipped model never writes a verdict (accuracy 0); 12 distillation steps
 bring the format (one well-formed verdict in ~all judgements) but a judge that always says [[A]]: 50% accuracy in
 both orders, 0% position consistency, on the synthetic and the HHH pairs alike; 2 GRPO steps change no verdict.
