@@ -20,13 +20,14 @@ Differences from the papers, and why:
    turn; a tool call is the `(tool: ...)` marker or a `Code:`/`Search:` line; nothing is executed. (b) Agentic, as
    SMART scores it (final-answer accuracy and tool calls per question), on --agent-rows questions: `Code:` requests
    run in run_python (a process-level sandbox), `Search:` requests get the row's recorded snippet (no search engine;
-   'no result' for rows without one), at most --max-tool-calls calls; a small model can misuse Code at will.
+   'no result' for rows without one), at most --max-tool-calls calls (a sandbox, as the model may write any code).
 
 Usage (from the repository root):
     python algos/sft.py                                   # SmolLM2-135M on data/smart_er_train.jsonl
     python algos/sft.py --select dominating_set           # MinPrompt-style data selection first
     python algos/sft.py --model tiny --max-steps 5        # smoke run, seconds
     python algos/sft.py --train-file my.jsonl --eval-file "" --model Qwen/Qwen2.5-0.5B-Instruct
+    python algos/sft.py --agent-rows 40 --max-tool-calls 1   # a larger agentic evaluation (Code in the sandbox)
     python algos/sft.py --save-every 10                   # resumable checkpoint every 10 steps; after a crash:
     python algos/sft.py --save-every 10 --resume runs/sft__1__<time>   # continues in that folder, same numbers
     torchrun --nproc_per_node 2 algos/sft.py --model tiny # data parallel: each process --batch-size rows a step

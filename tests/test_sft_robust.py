@@ -57,7 +57,7 @@ def rows(run):
 
 
 def test_resume_after_sigkill_continues_with_the_same_numbers(tmp_path):
-    steps = 8
+    steps = 6
     cmd = [sys.executable, "algos/sft.py", "--model", "tiny", "--max-steps", str(steps), "--batch-size", "2",
            "--max-len", "256", "--lr", "1e-3", "--eval-rows", "2", "--eval-every", "2", "--decision-rows", "0",
            "--agent-rows", "0", "--save-every", "1"]
