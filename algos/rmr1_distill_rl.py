@@ -286,6 +286,19 @@ def strip_eos(text, tokenizer):
     return text.split(tokenizer.eos_token)[0]
 
 
+def seed_of(*keys):
+    """A seed from keys like (seed, "sample", step, rank): the same in every process and run (resume needs no RNG)."""
+    return random.Random(repr(keys)).getrandbits(63)
+
+
+def gather(x):
+    """[x of each process] in rank order (any picklable x); [x] in one process."""
+    out = [x] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(out, x)
+    return out
+
+
 # ---------------------------------------------------------------- evaluation in both orders
 def pair_scores(verdict_ab, verdict_ba):
     """Scores of one pair judged twice: chosen in slot A (right verdict A), then chosen in slot B (right verdict B).
@@ -360,19 +373,6 @@ def _logprobs_in_chunks(model, data, args):
     out = torch.zeros_like(data["loss_mask"])  # (N, T)
     for mb in micro_batches(data, range(len(out)), args):
         out[mb, :int(data["attention_mask"][mb].sum(1).max())] = _logprobs(model, data, mb, args)
-    return out
-
-
-def seed_of(*keys):
-    """A seed from keys like (seed, "sample", step, rank): the same in every process and run (resume needs no RNG)."""
-    return random.Random(repr(keys)).getrandbits(63)
-
-
-def gather(x):
-    """[x of each process] in rank order (any picklable x); [x] in one process."""
-    out = [x] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(out, x)
     return out
 
 

@@ -197,3 +197,11 @@ def test_torchrun_smoke_tiny(tmp_path):
     assert torch.load(runs[0] / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["after/synth/pairs"] == 4 and out.stdout.count("step    0") == 1      # rank 0 prints
+    # resumed under torchrun with one more step: continues from the checkpoint, no second 'before' evaluation
+    more = subprocess.run(cmd + ["--total-steps", "3", "--resume", str(runs[0])], cwd=ROOT, env=ENV,  # last wins
+                          capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, (more.stdout + more.stderr)[-3000:]
+    assert "'total_steps': [2, 3]" in more.stderr and "before:" not in more.stdout
+    assert [r["step"] for r in rows_of(runs[0])] == [0, 1, 2]
+    resumed = json.loads((runs[0] / "summary.json").read_text())
+    assert resumed["before/synth/acc"] == summary["before/synth/acc"] and resumed["after/synth/pairs"] == 4
