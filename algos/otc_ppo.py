@@ -8,13 +8,13 @@ the OTC tool reward: cos(m pi / (2m + c)) for PPO, and for GRPO a reward that pe
 equal n, the fewest calls any correct rollout of that question has needed so far.
 
 Differences from the paper and Search-R1, and why:
-1. Value model: one linear value head on the policy's last hidden state, on a detached trunk by default (the
-   paper: a separate critic LLM with its own lr). On a 2-core CPU a second 135M trunk doubles every forward and
-   backward; a value loss flowing into the shared trunk (`--value-grad-to-trunk true`) would move the policy's
-   features at the head's much larger lr. The head is saved as checkpoint/value_head.pt.
+1. Value model: one linear value head on the policy's last hidden state, on a detached trunk by default (paper: a
+   separate critic LLM, own lr): on a 2-core CPU a second 135M trunk doubles every pass, and a value loss into the
+   shared trunk (`--value-grad-to-trunk true`) moves the policy's features at the head's much larger lr. The head is
+   saved as checkpoint/value_head.pt.
 2. Retrieved passages come back as a `tool` chat turn holding <information> ... </information> (Search-R1 splices
-   them into the assistant's own text). A chat model then sees a real turn structure, and algos/sft.py's masking
-   trains the warm start on exactly the token layout the rollouts produce.
+   them into the assistant's text): a chat model sees a real turn structure, and algos/sft.py's masking trains the
+   warm start on exactly the token layout the rollouts produce.
 3. Retrieval: BM25 (bm25s) over a small fictional + real-fact corpus in data/ (the paper: E5 over Wikipedia 2018);
    `--retriever http://host:port` uses a Search-R1 retrieval server instead (POST /retrieve).
 4. Data: data/make_otc_qa.py's knowledge-boundary QA with a known optimal call count (0, 1 or 2) per question,
@@ -26,22 +26,20 @@ Differences from the paper and Search-R1, and why:
 7. KL: 0.001 as in the paper, in the reward (k1 per token, verl's PPO default) for PPO and as a k3 loss for GRPO
    (`--kl-mode loss` puts PPO's in the loss too). No entropy bonus by default (it needs the full logits).
 8. Calls: only executed searches count; a search written after the c-th one ends the rollout unexecuted.
-9. GRPO runs a question's prompt once for its G rollouts, in sampling and training (algos/model.py; exact), so its
-   minibatches hold whole groups; micro-batches are sized in tokens. PPO trains each row on its own (the value head
-   reads every row's hidden states). Under torchrun each process takes a share of the questions (whole groups).
+9. GRPO runs a question's prompt once for its G rollouts in training (algos/model.py; exact), so minibatches hold
+   whole groups; micro-batches are sized in tokens. PPO runs each row alone (the value head reads its hidden states).
 
 Usage:
     bash run.sh otc_ppo      # data if missing (data/make_otc_qa.py), SFT warm start, EM vs OTC arms, EM/TC/TP table
-    python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo --save-every 1
-    python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo --resume runs/otc_ppo__1__<t>
-    torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint>   # data parallel: a share per process
+    python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo --save-every 1   # then, if killed:
+    python algos/otc_ppo.py <the same arguments> --resume runs/otc_ppo__1__<t>   # continues that run exactly
+    torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint>   # each process a share of the questions
     python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
 Expected at the defaults (after run.sh's warm start; shared, busy 2-core CPU): 3-5 min per step, ~35 min per arm.
 With --reward em the policy learns to search more (a second search repairs answers copied from the wrong passage);
 --reward otc did not cut calls within these 8 steps (TC 2.0 vs 1.83, EM 0.64 vs 0.76; README.md): a smoke budget.
 """
 import copy
-import functools
 import json
 import math
 import os
@@ -50,8 +48,7 @@ import re
 import string
 import sys
 import time
-import urllib.error
-import urllib.request
+import urllib.request  # also loads urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +65,6 @@ from algos.model import (FiniteGuard, RunLogger, all_reduce, append_tokens, arg,
                          distributed, generate, load_model, model_error, parse_args, render_chat, sequence_logprobs,
                          start_rollouts, sync_gradients)
 from kernels.advantage import group_advantages, policy_loss  # noqa: E402
-from kernels.logprob import linear_token_logprobs, token_logprobs  # noqa: E402
 
 
 def positive(value):
@@ -86,10 +82,9 @@ class Args:
     model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (SFT checkpoint)", check=model_error)
     runs_dir: str = arg("runs", "where run folders go")
     resume: str = arg("", "a run folder: continue it from <run>/checkpoint (same arguments; KL reference: --model)",
-                      check=lambda run: run and not Path(run, "checkpoint", "trainer_state.pt").is_file() and
-                      f"no resumable checkpoint in {run} (no checkpoint/trainer_state.pt: see --save-every)")
+                      check=lambda r: r and not Path(r, "checkpoint/trainer_state.pt").is_file() and "no checkpoint")
     save_every: int = arg(0, "save the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
-    max_bad_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss or gradient", low=1)
+    max_bad_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss/gradient", low=1)
     train_file: str = arg("data/otc_train.jsonl", "QA rows for RL (data/make_otc_qa.py)", check=file_error)
     test_file: str = arg("data/otc_test.jsonl", "held-out QA rows for EM / TC / TP", check=file_error)
     corpus_file: str = arg("data/otc_corpus.jsonl", "passages for the local BM25 index", check=file_error)
@@ -120,15 +115,14 @@ class Args:
     ent_coef: float = arg(0.0, "entropy bonus (needs full logits; Search-R1: 0.001)", low=0)
     num_minibatches: int = arg(2, "optimizer steps per rollout batch", low=1)
     ppo_epochs: int = arg(1, "passes over the rollout batch", low=1)
-    micro_batch_tokens: int = arg(0, "tokens per forward/backward, a shared prompt once; 0 = auto: 1024 CPU, 16384 GPU",
-                                  low=0)
+    micro_batch_tokens: int = arg(0, "tokens per forward/backward; 0 = auto: 1024 on CPU (about one 5-turn rollout; 4 "
+                                  "of them took ~10 GB: OOM-killed on the 2-core machine), 16384 on GPU", low=0)
     shared_prefix: bool = arg(True, "GRPO: a question's prompt runs once for its G rollouts (exact); PPO never shares")
     clip_low: float = arg(0.2, "PPO clip epsilon below 1", low=0, high=1)
     clip_high: float = arg(0.2, "PPO clip epsilon above 1", low=0)
     loss_type: str = arg("dapo", "reduction: dapo (token mean over the minibatch, verl) | bnpo | grpo | dr_grpo",
                          choices=["dapo", "bnpo", "grpo", "dr_grpo"])
-    adv_scale: str = arg("group", "GRPO advantage scaling: group | batch | none (Dr. GRPO)",
-                         choices=["group", "batch", "none"])
+    adv_scale: str = arg("group", "GRPO advantage scaling (Dr. GRPO: none)", choices=["group", "batch", "none"])
     adv_eps: float = arg(1e-6, "GRPO advantage epsilon (verl: 1e-6)", low=0)
     old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (no-grad pass)",
                         choices=["sampler", "recompute"])
@@ -138,21 +132,16 @@ class Args:
     gen_batch_size: int = arg(32, "sequences per generation batch", low=1)
     save_model: bool = arg(True, "save the trained model and value head to <run>/checkpoint (resumable)")
 
-    def __post_init__(self):
-        """Fill the auto fields, then the rules joining fields (parse_args makes a ValueError a usage error)."""
+    def __post_init__(self):  # the auto fields, then rules joining fields (parse_args: a ValueError is a usage error)
         self.group_size = self.group_size or (1 if self.estimator == "ppo" else 4)
         self.prompts_per_step = self.prompts_per_step or max(8 // self.group_size, 1)
         self.kl_mode = {"auto": "reward" if self.estimator == "ppo" else "loss"}.get(self.kl_mode, self.kl_mode)
         self.micro_batch_tokens = self.micro_batch_tokens or (16384 if torch.cuda.is_available() else 1024)
         self.shared_prefix = self.shared_prefix and self.estimator == "grpo"  # the value head needs each row's states
-        if self.estimator == "grpo" and self.group_size < 2:
-            raise ValueError(f"--group-size {self.group_size}: GRPO needs >= 2 rollouts per question")
-        if self.estimator == "grpo" and self.kl_mode == "reward":
-            raise ValueError("--kl-mode reward needs --estimator ppo (GRPO's reward is one number per rollout)")
-        units = self.prompts_per_step * (1 if self.shared_prefix else self.group_size)  # minibatches draw from these
-        if units % self.num_minibatches:
-            raise ValueError(f"--num-minibatches {self.num_minibatches} must divide the step's {units} "
-                             f"{'groups' if self.shared_prefix else 'rollouts'}")
+        if self.estimator == "grpo" and (self.group_size < 2 or self.kl_mode == "reward"):
+            raise ValueError("--estimator grpo needs --group-size >= 2 and --kl-mode loss (a reward per rollout)")
+        if self.prompts_per_step * (1 if self.shared_prefix else self.group_size) % self.num_minibatches:
+            raise ValueError(f"--num-minibatches {self.num_minibatches} must divide a step's groups (GRPO) or rows")
 
 
 # ---------------------------------------------------------------- prompt and actions
@@ -200,9 +189,7 @@ def normalize_answer(s: str) -> str:
 
 def em_reward(answer, golds) -> float:
     """1.0 when the extracted answer equals one gold answer after normalisation; 0.0 otherwise or with no answer."""
-    if not isinstance(answer, str):
-        return 0.0
-    return float(normalize_answer(answer) in {normalize_answer(g) for g in golds})
+    return float(isinstance(answer, str) and normalize_answer(answer) in {normalize_answer(g) for g in golds})
 
 
 def otc_ppo_tool_reward(m: int, c: int) -> float:
@@ -214,9 +201,7 @@ def otc_grpo_tool_reward(m: int, n, c: int) -> float:
     """OTC-GRPO with n = fewest calls of a correct rollout of this question so far (None: none correct yet).
     m = n = 0 -> 1; n = 0 < m -> cos(m pi / (2m + c)); else sin(f pi / (2n)), f = 2nm / (m + n), which is 1 at
     m = n and smaller on both sides. n None falls back to the OTC-PPO form (docstring, difference 5)."""
-    if n is None or n == 0:
-        return otc_ppo_tool_reward(m, c)
-    return math.sin((2 * n * m / (m + n)) * math.pi / (2 * n))
+    return otc_ppo_tool_reward(m, c) if not n else math.sin((2 * n * m / (m + n)) * math.pi / (2 * n))
 
 
 def otc_rewards(episodes, rows, args, best_calls):
@@ -227,14 +212,10 @@ def otc_rewards(episodes, rows, args, best_calls):
     found = [(rows[i // args.group_size]["id"], e["calls"]) for i, e in enumerate(episodes) if em[i] == 1.0]
     for qid, m in sum(gather(found), []):
         best_calls[qid] = min(best_calls.get(qid, m), m)
-    out = []
-    for i, e in enumerate(episodes):
-        if args.estimator == "grpo":
-            tool = otc_grpo_tool_reward(e["calls"], best_calls.get(rows[i // args.group_size]["id"]), args.max_calls)
-        else:
-            tool = otc_ppo_tool_reward(e["calls"], args.max_calls)
-        out.append({"em": em[i], "tool": tool, "total": em[i] * tool if args.reward == "otc" else em[i]})
-    return out
+    tool = [otc_grpo_tool_reward(e["calls"], best_calls.get(rows[i // args.group_size]["id"]), args.max_calls)
+            if args.estimator == "grpo" else otc_ppo_tool_reward(e["calls"], args.max_calls)
+            for i, e in enumerate(episodes)]
+    return [{"em": m, "tool": t, "total": m * t if args.reward == "otc" else m} for m, t in zip(em, tool)]
 
 
 # ---------------------------------------------------------------- GAE, whitening, losses (pure functions)
@@ -242,10 +223,9 @@ def gae(rewards, values, mask, gamma=1.0, lam=1.0):
     """GAE over the sampled tokens only (mask 1): (advantages, returns), both (B, T) and 0 where mask is 0.
     values[t] is V of the state before token t. A retrieved span between two sampled tokens is part of the
     environment's transition: the bootstrap of the last token before it is V at the next sampled token."""
-    B, T = rewards.shape
-    adv = torch.zeros_like(rewards)
-    last_gae, next_value = rewards.new_zeros(B), rewards.new_zeros(B)
-    for t in reversed(range(T)):
+    adv, last_gae = torch.zeros_like(rewards), rewards.new_zeros(len(rewards))
+    next_value = last_gae  # 0 after the last token (never changed in place)
+    for t in reversed(range(rewards.shape[1])):
         m = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         g = delta + gamma * lam * last_gae
@@ -277,19 +257,6 @@ def explained_variance(values, returns, mask):
                                                     d.square().sum()])).tolist()
     var_r = (q_r - s_r ** 2 / n) / max(n - 1, 1)
     return float("nan") if n < 2 or var_r < 1e-12 else 1 - (q_d - s_d ** 2 / n) / max(n - 1, 1) / var_r
-
-
-def forward(model, value_head, input_ids, attention_mask, temperature=1.0, entropy=False, detach_trunk=True):
-    """One pass of the shared trunk -> (logp, values, entropy), each (B, T); position t is about token t (0 at t=0).
-    Log-probs go through the fused LM-head kernel as model.sequence_logprobs; values come from the value head on the
-    hidden state before token t (None without a head); entropy needs full logits (None unless asked)."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # (B,T-1,H)
-    head, h, targets = model.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]), input_ids[:, 1:].flatten()
-    logp, ent = token_logprobs(head(h), targets, temperature, return_entropy=True) if entropy or head.bias is not None \
-        else (linear_token_logprobs(h, head.weight, targets, temperature), None)
-    values = None if value_head is None else value_head(hidden.detach() if detach_trunk else hidden)
-    return tuple(None if x is None else torch.nn.functional.pad(x.reshape(hidden.shape[:2]), (1, 0))
-                 for x in (logp, values, ent if entropy else None))
 
 
 # ---------------------------------------------------------------- retrieval
@@ -374,17 +341,11 @@ def load_jsonl(path, fields):
     return rows
 
 
-@functools.lru_cache(maxsize=2)
-def _pass_order(n, seed, epoch):
-    order = list(range(n))
-    random.Random(f"{seed}/{epoch}").shuffle(order)
-    return order
-
-
 def prompts_at(rows, seed, start, count):
     """rows at positions start..start+count-1 of an endless stream of passes over rows, each pass in its own fixed
     shuffle: a pure function of the position, so all processes agree and a resumed run continues the stream."""
-    return [rows[_pass_order(len(rows), seed, p // len(rows))[p % len(rows)]] for p in range(start, start + count)]
+    n = len(rows)
+    return [rows[random.Random(f"{seed}/{p // n}").sample(range(n), n)[p % n]] for p in range(start, start + count)]
 
 
 def gather(x):
@@ -463,8 +424,7 @@ def summarize(episodes, rows, em):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, retriever, args, path):
-    """Greedy multi-turn rollouts on the test rows (a share per process) -> EM / TC / TP; one prediction per line in
-    path."""
+    """Greedy multi-turn rollouts on the test rows (a share per process) -> EM / TC / TP; predictions in path."""
     rank, world = distributed()
     share = [r["question"] for r in rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]]
     episodes = sum(gather(run_episodes(model, tokenizer, share, retriever, args, 1, 0.0)[1]), [])
@@ -497,14 +457,19 @@ def micro_batches(data, rows, args):
 
 
 def _logprobs(model, value_head, data, mb, args, entropy=False):
-    """(logp, values, entropy) of rows mb, each (b, width), right padding trimmed (values without a head and entropy
-    unless asked: None); a GRPO group's prompt runs once (args.shared_prefix); the value head needs each row's states."""
-    width = int(data["attention_mask"][mb].sum(1).max())
-    ids, attn = data["input_ids"][mb, :width], data["attention_mask"][mb, :width]
-    if value_head is not None:
-        return forward(model, value_head, ids, attn, args.temperature, entropy, not args.value_grad_to_trunk)
-    out = sequence_logprobs(model, ids, attn, args.temperature, entropy, share_prefix=args.shared_prefix)
-    return (out[0], None, out[1]) if entropy else (out, None, None)
+    """(logp, values, entropy) of rows mb, each (b, width), right padding trimmed; position t is about token t (0 at
+    t = 0). A GRPO group's prompt runs once (args.shared_prefix). values (None without a head): the value head on the
+    trunk's hidden state before token t, caught on its way to the LM head (PPO runs rows alone); entropy: if asked."""
+    width, hidden = int(data["attention_mask"][mb].sum(1).max()), []
+    hook = value_head and model.base_model.register_forward_hook(lambda m, i, o: hidden.append(o.last_hidden_state))
+    try:
+        out = sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
+                                args.temperature, entropy, share_prefix=args.shared_prefix)  # (b, width) each
+    finally:
+        _ = hook and hook.remove()
+    h = hidden and (hidden[0] if args.value_grad_to_trunk else hidden[0].detach())[:, :-1]  # (b, width - 1, H)
+    values = value_head and torch.nn.functional.pad(value_head(h).squeeze(-1), (1, 0))  # (b, width)
+    return (out[0], values, out[1]) if entropy else (out, values, None)
 
 
 @torch.no_grad()
@@ -519,14 +484,13 @@ def _logprobs_in_chunks(model, value_head, data, args):
 
 def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, ref_logp=None, old_values=None,
                returns=None, guard=None, seed=0):
-    """ppo_epochs x num_minibatches optimizer steps on this process's rows of a rollout batch, each accumulated over
-    token-sized micro-batches. Minibatches split a permutation (from `seed`: the same in every process) of the whole
-    batch's groups (or rows), and losses are normalised by each minibatch's global row and token counts: under
-    torchrun the summed gradient (sync_gradients) is the one-process one. advantages: (N,) per sequence (GRPO) or
-    (N, T) per token (PPO, then old_values and returns (N, T) train the value head). ref_logp enters the loss as k3
-    only with kl_mode=loss. A GRPO row with advantage 0 and no KL or entropy term has exactly zero gradient: it is
-    skipped (the weights still count it). A non-finite loss or gradient skips the step (guard). Returns token-weighted
-    means of the metrics over all processes, the mean grad_norm and the mean minibatch policy_loss."""
+    """ppo_epochs x num_minibatches optimizer steps on this process's rows, each over token-sized micro-batches.
+    Minibatches split one permutation (from `seed`, the same in all processes) of the batch's groups (or rows); losses
+    use each minibatch's global row and token counts, so the gradient summed by sync_gradients is the one-process one.
+    advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO: old_values and returns (N, T) train the value head).
+    ref_logp enters the loss as k3 with kl_mode=loss only. A GRPO row with advantage 0 and no KL or entropy term has
+    zero gradient: skipped (still counted). A non-finite loss or gradient skips the step (guard). -> token-weighted
+    means of the metrics over all processes, mean grad_norm and minibatch policy_loss."""
     rank, guard = distributed()[0], guard or FiniteGuard(args.max_bad_steps)
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens only; prompt, tool turns and padding 0
     assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
@@ -536,9 +500,9 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
     unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
     counts = gather(len(loss_mask) // unit)  # units per process; this one holds units first .. first + n - 1
     first, n, gen = sum(counts[:rank]), counts[rank], torch.Generator().manual_seed(seed)
-    keys = ["clipfrac", "approx_kl", "ratio_mean"] + ["kl"] * (kl_ref is not None) + ["value_loss"] * ppo + \
-        ["entropy"] * (args.ent_coef > 0)
-    sums, steps = torch.zeros(len(keys) + 1, dtype=torch.float64), []  # token-weighted sums, then tokens
+    keys = ["clipfrac", "approx_kl", "ratio_mean"] + ["kl"] * (kl_ref is not None) + ["value_loss"] * ppo
+    keys += ["entropy"] * (args.ent_coef > 0)
+    sums, steps = torch.zeros(len(keys) + 1, dtype=torch.float64), []  # the keys' token-weighted sums, then tokens
     for epoch in range(args.ppo_epochs):
         for m, units in enumerate(torch.randperm(sum(counts), generator=gen).view(args.num_minibatches, -1)):
             units = units[(units >= first) & (units < first + n)] - first  # this process's share of minibatch m
@@ -584,9 +548,8 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
 
 
 def advantages_and_targets(model, value_head, ref_model, data, rewards, args):
-    """Steps 3-4 for this process's rows (rewards: (B*G,) of all processes, rank order) -> (the update's inputs, logs:
-    kl, explained_variance): old_logp, ref_logp and the rollout-time values (no grad), then GAE on per-token rewards
-    whitened over the sampled tokens of all processes (PPO), or group-normalised outcome rewards (GRPO)."""
+    """Steps 3-4 for this process's rows (rewards (B*G,): all processes') -> (the update's inputs, logs): old_logp,
+    ref_logp, rollout-time values (no grad), then PPO's GAE whitened over all processes, or GRPO's group advantages."""
     loss_mask, device = data["loss_mask"], data["loss_mask"].device  # (N, T)
     old_logp, old_values, ref_logp, returns, logs = data["sample_logp"], None, None, None, {}
     with torch.no_grad():
@@ -620,16 +583,14 @@ def main(args):
     say = print if rank == 0 else (lambda *a, **k: None)
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # sampling
     B, G, b = args.prompts_per_step, args.group_size, args.prompts_per_step // world  # b: questions per process
-    if B % world or b * (1 if args.shared_prefix else G) < args.num_minibatches:
-        sys.exit(f"--prompts-per-step {B} must give each of {world} processes the same number of questions, "
-                 f"enough for --num-minibatches {args.num_minibatches}")
+    if B % world:
+        sys.exit(f"--prompts-per-step {B} must give each of {world} processes the same number of questions")
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
     device = next(model.parameters()).device
     ref_model = None if args.beta == 0 else (load_model(args.model)[0] if args.resume else copy.deepcopy(model))
     ref_model = ref_model and ref_model.requires_grad_(False)  # the starting model, frozen
-    value_head = None
-    if args.estimator == "ppo":
-        value_head = torch.nn.Linear(model.config.hidden_size, 1).to(device)
+    value_head = torch.nn.Linear(model.config.hidden_size, 1).to(device) if args.estimator == "ppo" else None
+    if value_head is not None:
         torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
         if (Path(args.model) / "value_head.pt").exists():  # start the critic with its policy
             value_head.load_state_dict(torch.load(Path(args.model) / "value_head.pt"))
@@ -639,8 +600,7 @@ def main(args):
     tests = load_jsonl(args.test_file, QA_FIELDS)[:args.eval_items or None]
     retriever = SearchR1Client(args.retriever, args.retrieval_timeout) if args.retriever.startswith("http") else \
         BM25Retriever(load_jsonl(args.corpus_file, {"id": str, "title": str, "text": str}))
-    say(f"train questions: {len(train)}, test questions: {len(tests)}, estimator {args.estimator}, "
-        f"reward {args.reward}, {B} x {G} rollouts per step, {world} process(es)")
+    say(f"train/test questions: {len(train)}/{len(tests)}, {args.estimator}, reward {args.reward}, {B} x {G} rollouts")
     logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
     optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": args.lr}] + (
         [] if value_head is None else [{"params": value_head.parameters(), "lr": args.critic_lr}]))
@@ -649,8 +609,7 @@ def main(args):
     if args.resume:  # the model was loaded from the checkpoint; optimizer, value head, RNGs, data position, ...
         saved = json.loads((logger.dir / "args.json").read_text())
         changed = {k: (v, getattr(args, k)) for k, v in saved.items() if k != "resume" and getattr(args, k, v) != v}
-        _ = changed and say(f"warning: resumed with arguments other than in args.json (was, now): {changed}",
-                            file=sys.stderr)
+        _ = changed and say(f"warning: arguments other than in args.json (was, now): {changed}", file=sys.stderr)
         state = logger.restore(*objects)
         if len(state["rngs"]) != world:
             sys.exit(f"{args.resume} ran in {len(state['rngs'])} processes: resume it in as many")
@@ -658,9 +617,8 @@ def main(args):
         start, position, before, best_calls = (state[k] for k in ("step", "position", "before", "best_calls"))
         start, (guard.in_a_row, guard.skipped) = start + 1, state["guard"]
         say(f"resumed {logger.dir} after step {start - 1}")
-    else:  # 0. EM / TC / TP of the starting model
-        t0, start, position, before = time.time(), 0, 0, {}
-        best_calls = {}  # OTC-GRPO: question id -> fewest calls of a correct rollout so far
+    else:  # 0. EM / TC / TP of the starting model; best_calls (OTC-GRPO): question id -> fewest calls when correct
+        t0, start, position, before, best_calls = time.time(), 0, 0, {}, {}
         if args.eval_before and tests:
             before = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions_before.jsonl")
             say("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
@@ -673,10 +631,9 @@ def main(args):
         t_gen = time.time()
         rollouts, episodes = run_episodes(model, tokenizer, [r["question"] for r in batch], retriever, args, G,
                                           args.temperature)
-        t_gen = time.time() - t_gen
+        t_gen, t_train = time.time() - t_gen, time.time()
 
         # 2. rewards: EM, the OTC tool reward and their product (or EM alone); those of all processes (rank order)
-        t_train = time.time()
         data = collate(rollouts, tokenizer.pad_token_id, device)
         comps = sum(gather([dict(c, calls=e["calls"], invalid=e["invalid"], kind=batch[i // G]["kind"], len=float(n))
                             for i, (c, e, n) in enumerate(zip(otc_rewards(episodes, batch, args, best_calls), episodes,
@@ -705,7 +662,7 @@ def main(args):
         if G > 1:
             row["frac_reward_zero_std"] = float((rewards.view(B, G).std(1) < 1e-6).float().mean())
         logger.log(step, row, keys=keys)
-        if (args.save_every and (step + 1) % args.save_every == 0) or (args.save_model and step + 1 == args.total_steps):
+        if step + 1 == args.total_steps and args.save_model or args.save_every and (step + 1) % args.save_every == 0:
             path = logger.save(step, model, tokenizer, *objects, position=position, rngs=gather(rng_state()),
                                guard=(guard.in_a_row, guard.skipped), before=before, best_calls=best_calls)
             _ = path and value_head is not None and torch.save(value_head.state_dict(), path / "value_head.pt")

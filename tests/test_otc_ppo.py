@@ -325,8 +325,7 @@ def test_learning_fewer_calls_tiny():
         rewards = torch.tensor([otc_ppo_tool_reward(int(m), 4) for m in calls])
         data = collate(rollouts, tok.pad_token_id)
         mask = data["loss_mask"]
-        with torch.no_grad():
-            old_v = otc.forward(model, head, data["input_ids"], data["attention_mask"])[1]
+        old_v = otc._logprobs_in_chunks(model, head, data, args)[1]
         last = (mask * torch.arange(mask.shape[1])).argmax(1)
         token_rewards = torch.zeros_like(mask)
         token_rewards[torch.arange(len(last)), last] = rewards

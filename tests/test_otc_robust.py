@@ -35,7 +35,7 @@ def script(*flags, timeout=240):
 
 # ---------------------------------------------------------------- 1. argument checks
 @pytest.mark.parametrize("flags,message", [
-    (["--estimator", "grpo", "--group-size", "1"], "--group-size 1: GRPO needs >= 2"),
+    (["--estimator", "grpo", "--group-size", "1"], "--estimator grpo needs --group-size >= 2"),
     (["--model", "no/such/folder"], "--model: no such model folder"),
 ])
 def test_bad_arguments_exit_2_before_loading_a_model(flags, message):
@@ -51,8 +51,8 @@ def test_bad_arguments_exit_2_before_loading_a_model(flags, message):
     (["--loss-type", "sum"], "--loss-type: invalid choice"), (["--adv-scale", "std"], "--adv-scale: invalid choice"),
     (["--retriever", "elastic"], "--retriever: bm25 or an http"), (["--max-bad-steps", "0"], "--max-bad-steps"),
     (["--train-file", "nope.jsonl"], "--train-file: no such file"), (["--resume", "/nonexistent"], "--resume"),
-    (["--estimator", "grpo", "--kl-mode", "reward"], "--kl-mode reward needs --estimator ppo"),
-    (["--num-minibatches", "3"], "--num-minibatches 3 must divide the step's 8"),
+    (["--estimator", "grpo", "--kl-mode", "reward"], "and --kl-mode loss"),
+    (["--num-minibatches", "3"], "--num-minibatches 3 must divide a step's groups (GRPO) or rows"),
     (["--micro-batch-tokens", "-5"], "--micro-batch-tokens: must be >= 0"),
 ])
 def test_bad_arguments_name_the_flag(flags, message, capsys):
