@@ -8,7 +8,8 @@ and prompt length limits, minibatches, learning rate, loss) goes through:
 - `now_unshared`: the same with `--shared-prefix false` (what sharing alone buys);
 - `now_ckpt`: the same with activation checkpointing;
 - `trl`: TRL's GRPOTrainer, when `trl` is importable (optional: `pip install --no-deps trl`), with the same model,
-  prompts, reward (the ToolRL reward), G, lengths, minibatches (steps_per_generation) and loss.
+  prompts, reward (the ToolRL reward), G, lengths, minibatches and loss: one generation batch of prompts_per_step x
+  group_size samples per step (`trl_config`; before 2026-11-29 TRL sampled trl_micro_batch x num_minibatches at once).
 Each path runs in its own process, so its peak resident memory (ru_maxrss from wait4) is its own; model loading is in
 it. A generation batch is one GRPO step: sampling of prompts_per_step x group_size completions, then
 num_minibatches optimizer steps. Timings on a shared machine are noisy: run the paths back to back and read ratios.
@@ -73,9 +74,9 @@ class Args:
         if self.num_minibatches > self.prompts_per_step:  # grpo_toolrl.py's minibatches hold whole groups
             raise ValueError(f"--num-minibatches {self.num_minibatches} > --prompts-per-step {self.prompts_per_step}: "
                              "a minibatch holds whole prompt groups")
-        if "trl" in paths and self.trl_micro_batch * self.num_minibatches % self.group_size:
-            raise ValueError("--trl-micro-batch x --num-minibatches must be a multiple of --group-size (TRL's "
-                             "generation batch holds whole groups)")
+        if "trl" in paths and self.prompts_per_step * self.group_size % (self.num_minibatches * self.trl_micro_batch):
+            raise ValueError("--prompts-per-step x --group-size must be a multiple of --num-minibatches x "
+                             "--trl-micro-batch (TRL's minibatches are whole micro-batches)")
         if "before" in paths and subprocess.run(["git", "rev-parse", "--verify", "--quiet", self.before_commit +
                                                  "^{commit}"], cwd=ROOT, capture_output=True).returncode:
             raise ValueError(f"--before-commit {self.before_commit}: not a commit of this repository (a shallow "
@@ -127,11 +128,26 @@ def summarize(name, code, wall, peak_gb, times):
 
 
 # ---------------------------------------------------------------- TRL's GRPOTrainer (optional)
+def trl_config(args, out_dir):
+    """TRL samples per_device_train_batch_size x steps_per_generation completions at once: with steps_per_generation =
+    accumulation x num_minibatches that is one generation batch (prompts_per_step x group_size), then num_minibatches
+    optimizer steps of `accumulation` micro-batches each, as in the other paths."""
+    from trl import GRPOConfig
+    accumulation = args.prompts_per_step * args.group_size // args.num_minibatches // args.trl_micro_batch
+    return GRPOConfig(
+        output_dir=str(out_dir / "trl"), per_device_train_batch_size=args.trl_micro_batch,
+        gradient_accumulation_steps=accumulation, steps_per_generation=accumulation * args.num_minibatches,
+        num_generations=args.group_size, max_completion_length=args.max_new_tokens, learning_rate=args.lr, beta=0.0,
+        temperature=1.0, loss_type="grpo", max_steps=args.steps * args.num_minibatches, logging_steps=1,
+        save_strategy="no", report_to=[], seed=args.seed, gradient_checkpointing=args.trl_checkpointing,
+        use_cpu=not _has_cuda(), bf16=False, fp16=False)
+
+
 def trl_worker(args, out_dir):
     """Run TRL's GRPOTrainer on the same configuration in this process; write per-step times to out_dir."""
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
     from transformers import TrainerCallback
 
     from algos.grpo_toolrl import build_messages, fits, load_jsonl, strip_eos, toolrl_reward
@@ -147,16 +163,8 @@ def trl_worker(args, out_dir):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [toolrl_reward(strip_eos(t, tokenizer), gt)["total"] for t, gt in zip(texts, ground_truth)]
 
-    samples = args.prompts_per_step * args.group_size
-    config = GRPOConfig(
-        output_dir=str(out_dir / "trl"), per_device_train_batch_size=args.trl_micro_batch,
-        gradient_accumulation_steps=max(samples // args.num_minibatches // args.trl_micro_batch, 1),
-        steps_per_generation=args.num_minibatches, num_generations=args.group_size,
-        max_completion_length=args.max_new_tokens, learning_rate=args.lr, beta=0.0, temperature=1.0,
-        loss_type="grpo", max_steps=args.steps * args.num_minibatches, logging_steps=1, save_strategy="no",
-        report_to=[], seed=args.seed, gradient_checkpointing=args.trl_checkpointing, use_cpu=not _has_cuda(),
-        bf16=False, fp16=False)
-    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward, args=config, train_dataset=data)
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward, args=trl_config(args, out_dir),
+                          train_dataset=data)
     times, clock = {"sample": [], "step": []}, {}
     generate = trainer._generate_and_score_completions  # TRL samples inside the training step: time it apart
 

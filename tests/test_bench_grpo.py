@@ -5,7 +5,9 @@ import sys
 import time
 from pathlib import Path
 
-from algos.bench_grpo import summarize
+import pytest
+
+from algos.bench_grpo import Args, summarize, trl_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +48,13 @@ def test_bad_arguments_stop_at_parse_time(tmp_path):
         assert proc.returncode == 2 and flag in err.splitlines()[-1], err[-1000:]
     # the unloadable model proves the order; the time only bounds imports (seconds each; 2-core CI under load: more)
     assert time.time() - t < 90 and not list(tmp_path.glob("bench_grpo__*"))
+
+
+def test_trl_generates_one_whole_generation_batch_then_num_minibatches_steps(tmp_path):
+    pytest.importorskip("trl")
+    for p, g, m, micro in [(4, 4, 2, 2), (3, 2, 3, 1), (6, 4, 2, 3)]:
+        args = Args(paths="trl", prompts_per_step=p, group_size=g, num_minibatches=m, trl_micro_batch=micro)
+        c = trl_config(args, tmp_path)
+        assert c.generation_batch_size == p * g  # TRL used to sample trl_micro_batch x num_minibatches (1 group)
+        assert c.steps_per_generation == m * c.gradient_accumulation_steps  # num_minibatches optimizer steps each
+        assert c.gradient_accumulation_steps * micro * m == p * g
