@@ -113,8 +113,14 @@ def _has_cuda():
 
 
 def step_times(metrics_path):
-    """[(sampling s, training s)] per GRPO step from a grpo_toolrl metrics.jsonl."""
-    rows = [json.loads(line) for line in open(metrics_path)]
+    """[(sampling s, training s)] per GRPO step from a grpo_toolrl metrics.jsonl. A path that crashed or was killed
+    mid-write leaves a last line cut short: it is skipped, so the other paths' rows still make the table."""
+    rows = []
+    for line in open(metrics_path):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            print(f"{metrics_path}: skipping a line that is not JSON (a path killed mid-write?): {line[:80]!r}")
     return [(r["time/generate_s"], r["time/train_s"]) for r in rows]
 
 

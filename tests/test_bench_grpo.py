@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from algos.bench_grpo import Args, summarize, trl_config
+from algos.bench_grpo import Args, step_times, summarize, trl_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +17,14 @@ def test_summarize_skips_the_warm_up_batch():
     assert (row["sample_s"], row["train_s"], row["step_s"], row["first_step_s"]) == (12.0, 18.0, 30.0, 70.0)
     assert row["steps"] == 3 and row["peak_rss_gb"] == 2.5
     assert summarize("before", 1, 5.0, 1.0, [(3.0, 4.0)])["step_s"] == 7.0  # one batch: nothing to skip
+
+
+
+def test_step_times_skip_a_line_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 0, "time/generate_s": 3.5, "time/train_s": 4.0}) + "\n"
+                    + '{"step": 1, "time/generate_s": 2.')  # the process died while writing step 1
+    assert step_times(path) == [(3.5, 4.0)]
 
 
 def test_bench_smoke_tiny(tmp_path):
