@@ -19,7 +19,6 @@ def test_summarize_skips_the_warm_up_batch():
     assert summarize("before", 1, 5.0, 1.0, [(3.0, 4.0)])["step_s"] == 7.0  # one batch: nothing to skip
 
 
-
 def test_step_times_skip_a_line_cut_short(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 0, "time/generate_s": 3.5, "time/train_s": 4.0}) + "\n"
