@@ -17,7 +17,7 @@ from algos.iteralign import (CHOICE_MARKER, COU_TEMPLATE, GENERAL_PRINCIPLES, PR
                              iterate, iteration_batch, load_hhh, load_redteam, load_truthfulqa_mc1, main,
                              merge_constitutions, parse_constitutions, parse_verdict, prompt_rows, reflection_messages,
                              reply_rows, rule_constitutions, rule_verdict, truthfulqa_mc1)
-from algos.model import RunLogger, encode_chat, load_model, render_chat
+from algos.model import RunLogger, encode_chat, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
