@@ -25,6 +25,9 @@ Usage:
     python algos/grpo_toolrl.py --model runs/toolrl_sft__1__<t>/checkpoint   # see run.sh for the warm start
     python algos/grpo_toolrl.py --model tiny --total-steps 2 --train-file data/toolrl_train_sample.jsonl \\
         --eval-file data/bfcl_eval_sample.jsonl --heldout-file data/toolrl_train_sample.jsonl   # smoke test, seconds
+    ... --save-every 10, killed, then the same command + --resume runs/grpo_toolrl__1__<t>   # continues exactly
+    torchrun --nproc_per_node 8 algos/grpo_toolrl.py ...   # each process samples 1/8 of the prompts (whole groups);
+        the update equals one process's; BFCL and held-out evaluation sharded. Non-finite steps: see --max-bad-steps
 Expected at the defaults (2-core CPU, after run.sh's SFT warm start): see README.md (measured step times, held-out
 reward before/after with its interval, BFCL); the warm start is what brings the tag format.
 """
@@ -55,87 +58,75 @@ from algos.model import (FiniteGuard, RunLogger, all_reduce, arg, collate, data_
 from kernels.advantage import LOSS_TYPES, group_advantages, policy_loss  # noqa: E402
 
 
-def positive(value):
-    return None if value > 0 else "must be > 0"
+GEN = "data/generated/"  # data/make_toolrl_bfcl.py writes here
 
 
 def data_file(path):  # checked at parse time, before a model is loaded
-    return None if Path(path).is_file() else \
-        f"{path} not found: run `python data/make_toolrl_bfcl.py --out-dir data/generated` first"
+    return None if Path(path).is_file() else f"{path} not found: run `python data/make_toolrl_bfcl.py --out-dir {GEN}`"
 
 
 @dataclass
 class Args:
     exp_name: str = arg("grpo_toolrl", "run name; the run folder is runs/<exp_name>__<seed>__<time>")
     seed: int = arg(1, "seed for python, numpy and torch")
-    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (e.g. an SFT checkpoint)",
-                     check=model_error)
-    train_file: str = arg("data/generated/toolrl_train.jsonl", "ToolRL records (data/make_toolrl_bfcl.py)",
-                          check=data_file)
-    eval_file: str = arg("data/generated/bfcl_eval.jsonl", "BFCL eval records (data/make_toolrl_bfcl.py)",
-                         check=data_file)
+    model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | folder (an SFT checkpoint...)", check=model_error)
+    train_file: str = arg(GEN + "toolrl_train.jsonl", "ToolRL records (data/make_toolrl_bfcl.py)", check=data_file)
+    eval_file: str = arg(GEN + "bfcl_eval.jsonl", "BFCL eval records (data/make_toolrl_bfcl.py)", check=data_file)
     total_steps: int = arg(0, "GRPO steps (rollout + updates); 0 = auto: 6 on CPU, 100 on GPU", low=0)
     prompts_per_step: int = arg(0, "prompts per step; 0 = auto: 4 on CPU, 64 on GPU (paper: 512)", low=0)
     group_size: int = arg(4, "samples per prompt G (paper: 4); a group of one has no baseline", low=2)
     max_new_tokens: int = arg(0, "completion length limit; 0 = auto: 80 on CPU, 512 on GPU (paper: 1024)", low=0)
-    max_prompt_tokens: int = arg(0, "drop training prompts longer than this; 0 = auto: 320 on CPU, 2048 on GPU",
-                                 low=0)
-    eval_max_prompt_tokens: int = arg(0, "drop BFCL items longer than this; 0 = auto: 512 on CPU, 4096 on GPU", low=0)
-    temperature: float = arg(1.0, "sampling temperature (paper: 1.0)", check=positive)
-    lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 1.5B-7B models and ~105 steps)", low=0.0)
+    max_prompt_tokens: int = arg(0, "drop training prompts longer than this; 0 = auto: 320 CPU, 2048 GPU", low=0)
+    eval_max_prompt_tokens: int = arg(0, "drop BFCL items longer than this; 0 = auto: 512 CPU, 4096 GPU", low=0)
+    temperature: float = arg(1.0, "sampling temperature (paper: 1.0)", check=lambda t: t <= 0 and "must be > 0")
+    lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 1.5B-7B models and ~105 steps)", low=0)
     num_minibatches: int = arg(2, "optimizer steps per rollout batch (paper: batch 512 / minibatch 128 = 4)", low=1)
     ppo_epochs: int = arg(1, "passes over the rollout batch (verl's ppo_epochs)", low=1)
-    micro_batch_tokens: int = arg(0, "tokens per forward/backward, a shared prompt once; 0 = auto: 1024 CPU, 16384 GPU",
-                                  low=0)
+    micro_batch_tokens: int = arg(0, "micro-batch tokens (a shared prompt once); 0 = auto: 1024 CPU, 16384 GPU", low=0)
     shared_prefix: bool = arg(True, "a prompt runs once for its G samples (exact); false: every sequence on its own")
     checkpointing: bool = arg(False, "activation checkpointing per decoder layer (less memory, a second forward)")
-    clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)", low=0.0, high=1.0)
-    clip_high: float = arg(0.2, "PPO clip epsilon above 1 (DAPO uses 0.28; paper: 0.2)", low=0.0)
-    beta: float = arg(0.0, "k3 KL coefficient to a frozen reference (paper drops KL: 0; GRPO/DeepSeekMath: 0.04)",
-                      low=0.0)
+    clip_low: float = arg(0.2, "PPO clip epsilon below 1 (paper: 0.2)", low=0, high=1)
+    clip_high: float = arg(0.2, "PPO clip epsilon above 1 (DAPO uses 0.28; paper: 0.2)", low=0)
+    beta: float = arg(0.0, "k3 KL weight to a frozen reference (paper drops KL: 0; DeepSeekMath GRPO: 0.04)", low=0)
     loss_type: str = arg("grpo", "grpo (sequence mean, DeepSeekMath) | bnpo | dr_grpo (Liu et al.) | dapo (Yu et al.)",
                          choices=LOSS_TYPES)
     adv_scale: str = arg("group", "advantage scaling: group std (GRPO) | batch std | none (Dr. GRPO)",
                          choices=("group", "batch", "none"))
-    adv_eps: float = arg(1e-6, "advantage epsilon (verl, the paper's code: 1e-6; TRL: 1e-4)", check=positive)
+    adv_eps: float = arg(1e-6, "advantage epsilon (verl, the paper's code: 1e-6; TRL: 1e-4)",
+                         check=lambda eps: eps <= 0 and "must be > 0")
     old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl)",
                         choices=("sampler", "recompute"))
-    max_grad_norm: float = arg(1.0, "gradient clipping", check=positive)
-    matching: str = arg("greedy", "call matching: greedy (released code) | optimal (paper's text)",
-                        choices=("greedy", "optimal"))
-    granularity: str = arg("finest", "reward granularity (paper Sec. 5): finest | fine | intermediate | coarse",
-                           choices=("finest", "fine", "intermediate", "coarse"))
-    schedule: str = arg("none", "reward scale schedule (paper Sec. 5): none | dynamic | two_stage",
-                        choices=("none", "dynamic", "two_stage"))
+    max_grad_norm: float = arg(1.0, "gradient clipping", check=lambda norm: norm <= 0 and "must be > 0")
+    matching: str = arg("greedy", "call matching: greedy (code) | optimal (paper)", choices=("greedy", "optimal"))
+    granularity: str = arg("finest", "reward granularity (paper Sec. 5)", choices=("finest", "fine", "intermediate",
+                                                                                   "coarse"))
+    schedule: str = arg("none", "reward scale schedule (paper Sec. 5)", choices=("none", "dynamic", "two_stage"))
     two_stage_step: int = arg(30, "two_stage: step where correctness range x3 and format range /2 (code: 30)", low=0)
     equal_max: bool = arg(False, "ablation: R_correct in [-1, 1] (equal max with format)")
     length_reward: str = arg("none", "ablation: none | fixed (+min(think words/512, 1)) | dynamic (target 384->640)",
                              choices=("none", "fixed", "dynamic"))
-    eval_per_category: int = arg(0, "BFCL items per category (fixed hashed subset); 0 = auto: 6 CPU, all GPU; -1 all",
-                                 low=-1)
+    eval_per_category: int = arg(0, "BFCL items per category (hashed subset); 0 = auto: 6 CPU, all GPU; -1 all", low=-1)
     eval_max_new_tokens: int = arg(0, "greedy tokens at BFCL evaluation; 0 = auto: 128 on CPU, 1024 on GPU", low=0)
     gen_batch_size: int = arg(32, "sequences per generation batch", low=1)
-    heldout_file: str = arg("data/generated/toolrl_dev.jsonl", "held-out live prompts (those that fit "
-                            "eval_max_prompt_tokens): greedy reward; '' = none", check=lambda p: p and data_file(p))
+    heldout_file: str = arg(GEN + "toolrl_dev.jsonl", "held-out live prompts (those that fit eval_max_prompt_tokens): "
+                            "greedy reward; '' = none", check=lambda path: path and data_file(path))
     eval_only: bool = arg(False, "only measure BFCL accuracy of --model (no training)")
     save_model: bool = arg(True, "save the trained model to <run>/checkpoint (resumable, as --save-every)")
     save_every: int = arg(0, "save the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
     resume: str = arg("", "a run folder: continue its run from <run>/checkpoint (give the same arguments)",
                       check=lambda run: run and not Path(run, "checkpoint", "trainer_state.pt").is_file() and
-                      f"no resumable checkpoint in {run} (no checkpoint/trainer_state.pt: see --save-every)")
-    max_bad_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss or gradient",
-                             low=1)
+                      f"no resumable checkpoint in {run}")
+    max_bad_steps: int = arg(3, "stop after N optimizer steps in a row with a non-finite loss or gradient", low=1)
     runs_dir: str = arg("runs", "folder that receives the run folder")
 
     def __post_init__(self):  # rules joining several fields, on the values main will use (auto resolved)
-        r = resolve_defaults(copy.copy(self))
+        r, world = resolve_defaults(copy.copy(self)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
         units = r.prompts_per_step * (1 if r.shared_prefix else r.group_size)  # what minibatches are drawn from
         if r.total_steps and units % r.num_minibatches:
             raise ValueError(f"--num-minibatches {r.num_minibatches} must divide the {units} "
                              f"{'groups' if r.shared_prefix else 'rows'} of a step (--prompts-per-step)")
-        if r.total_steps and r.prompts_per_step % int(os.environ.get("WORLD_SIZE", 1)):  # whole groups per process
-            raise ValueError(f"--prompts-per-step {r.prompts_per_step} must split evenly over the "
-                             f"{os.environ['WORLD_SIZE']} processes of torchrun")
+        if r.total_steps and r.prompts_per_step % world:  # each process samples whole groups, as many as the others
+            raise ValueError(f"--prompts-per-step {r.prompts_per_step} must split evenly over {world} processes")
 
 
 def resolve_defaults(args):
@@ -178,43 +169,35 @@ def format_calls(calls):
     return "\n".join(json.dumps({"name": c["name"], "parameters": c["parameters"]}, ensure_ascii=False) for c in calls)
 
 
+def json_or_none(line):
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's stack
+        return None
+
+
 def parse_tool_calls(text):
     """Calls of the <tool_call> block as the released code reads them (text after the first <tool_call>, up to the
     next </tool_call>, one JSON object per line) -> list of dicts, or None when tags are missing or any line is not
     {"name": str, "parameters": object}. Never raises."""
     if "<tool_call>" not in text or "</tool_call>" not in text:
         return None
-    body = text.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0].strip()
-    calls = []
-    for line in body.split("\n"):
-        try:
-            call = json.loads(line)
-        except (ValueError, RecursionError):
-            return None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("parameters"),
-                                                                                           dict)):
-            return None
-        calls.append(call)
-    return calls
+    calls = [json_or_none(line) for line in text.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0].strip()
+             .split("\n")]
+    ok = all(isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("parameters"), dict)
+             for c in calls)
+    return calls if ok else None
 
 
 # ---------------------------------------------------------------- the ToolRL reward (pure functions)
-FORMAT_PATTERNS = {  # (ground truth has <tool_call>, has <response>) -> pattern on the stripped completion
-    (False, True): r"^<think>.*?</think>\n<response>.*?</response>$",
-    (True, False): r"^<think>.*?</think>\n<tool_call>\n.*?\n</tool_call>$",
-    (True, True): r"^<think>.*?</think>\n<tool_call>\n.*?\n</tool_call>\n<response>.*?</response>$",
-    (False, False): r"^<think>.*?</think>$",
-}
-
-
 def format_reward(completion: str, ground_truth: str, max_reward=1.0, min_reward=0.0) -> float:
     """max_reward when the completion has exactly the blocks of the ground truth (think, then tool_call and/or
     response, one newline apart, each tag once), else min_reward."""
-    text = completion.strip()
-    key = ("<tool_call>" in ground_truth, "<response>" in ground_truth)
-    tags = ["think"] + ["tool_call"] * key[0] + ["response"] * key[1]
-    ok = re.search(FORMAT_PATTERNS[key], text, re.DOTALL) is not None
-    ok = ok and all(text.count(f"<{t}>") == 1 and text.count(f"</{t}>") == 1 for t in tags)
+    text, call, reply = completion.strip(), "<tool_call>" in ground_truth, "<response>" in ground_truth
+    tags = ["think"] + ["tool_call"] * call + ["response"] * reply
+    pattern = r"<think>.*?</think>" + r"\n<tool_call>\n.*?\n</tool_call>" * call + r"\n<response>.*?</response>" * reply
+    ok = re.fullmatch(pattern, text, re.DOTALL) and all(text.count(f"<{t}>") == text.count(f"</{t}>") == 1
+                                                        for t in tags)
     return float(max_reward if ok else min_reward)
 
 
@@ -231,28 +214,24 @@ def _pair_score(g, p, granularity):
     if granularity == "intermediate":
         return 1.0 if g == p else 0.0
     gp, pp = g["parameters"], p["parameters"]
-    keys = match_score(list(gp), list(pp), exact=granularity == "fine")
-    return keys + sum(1.0 for k, v in gp.items() if k in pp and pp[k] == v)  # Python == on parsed JSON, as the code
+    return match_score(list(gp), list(pp), exact=granularity == "fine") + \
+        sum(1.0 for k, v in gp.items() if k in pp and pp[k] == v)  # Python == on parsed JSON, as the code
 
 
 def _assign(gt, pred, granularity, matching):
     """Sum of pair scores over a one-to-one matching of predictions to ground-truth calls of the same name."""
     scores = [[_pair_score(g, p, granularity) if p["name"] == g["name"] else 0.0 for p in pred] for g in gt]
     if matching == "greedy" or len(pred) > 12:  # the released code: ground-truth order, best unused, first wins ties
-        used, total = set(), 0.0
+        used = []  # per ground-truth call: the prediction it takes, -1 for none
         for row in scores:  # max() keeps the first of equal scores
-            best_j = max((j for j, s in enumerate(row) if j not in used and s > 0), key=row.__getitem__, default=-1)
-            if best_j >= 0:
-                used.add(best_j)
-                total += row[best_j]
-        return total
+            used.append(max((j for j, s in enumerate(row) if j not in used and s > 0), key=row.__getitem__, default=-1))
+        return sum(row[j] for row, j in zip(scores, used) if j >= 0)
 
     @functools.lru_cache(maxsize=None)
     def best(i, used):  # optimal: exact search over (ground-truth index, bit set of used predictions)
-        if i == len(gt):
-            return 0.0
-        return max([best(i + 1, used)] + [scores[i][j] + best(i + 1, used | 1 << j) for j in range(len(pred))
-                                          if scores[i][j] > 0 and not used >> j & 1])
+        return 0.0 if i == len(gt) else max([best(i + 1, used)] + [scores[i][j] + best(i + 1, used | 1 << j)
+                                                                    for j, s in enumerate(scores[i]) if s > 0 and
+                                                                    not used >> j & 1])
     return best(0, 0)
 
 
@@ -263,10 +242,9 @@ def correctness_reward(completion: str, ground_truth: str, max_reward=3.0, min_r
     S_max = 1 + |G| + sum_g |keys(g)|. Identical call lists score max directly."""
     if "<tool_call>" not in ground_truth:
         return 0.0
-    gt = parse_tool_calls(ground_truth)
+    gt, pred = parse_tool_calls(ground_truth), parse_tool_calls(completion.strip())
     if gt is None:
         raise ValueError(f"ground truth has an unparseable <tool_call> block: {ground_truth!r}")
-    pred = parse_tool_calls(completion.strip())
     if pred is None:
         return float(min_reward)
     if gt == pred or granularity == "coarse":  # coarse: whole-list equality
@@ -314,11 +292,7 @@ def parse_bfcl_calls(completion):
         return None
     calls = []
     for body in re.findall(r"<tool_call>(.*?)</tool_call>", completion, re.DOTALL):
-        for line in filter(None, (x.strip() for x in body.strip().split("\n"))):
-            try:
-                c = json.loads(line)
-            except (ValueError, RecursionError):
-                return None
+        for c in [json_or_none(x) for x in body.strip().split("\n") if x.strip()]:
             args = c.get("parameters", c.get("arguments", {})) if isinstance(c, dict) else None
             if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not isinstance(args, dict):
                 return None
@@ -335,19 +309,16 @@ def _norm(v):
 
 def _dict_ok(value, accepted):
     """A dict argument against one possible dict whose values are lists of acceptable values."""
-    if not isinstance(accepted, dict) or any(k not in accepted for k in value):
-        return False
-    if any(_norm(v) not in [_norm(a) for a in accepted[k]] for k, v in value.items()):
-        return False
-    return all(k in value or "" in acc for k, acc in accepted.items())
+    return isinstance(accepted, dict) and all(k in accepted and _norm(v) in [_norm(a) for a in accepted[k]]
+                                              for k, v in value.items()) and \
+        all(k in value or "" in acc for k, acc in accepted.items())
 
 
 def value_ok(value, accepted, ptype):
     """One argument value against its list of acceptable values, BFCL style: type from the tool doc (an int is
     accepted for a float), strings and list items compared after _norm, dicts key by key."""
     value = float(value) if ptype == "float" and type(value) is int else value
-    expected = PY_TYPES.get(ptype)
-    answer_type = next((type(a) for a in accepted if a != ""), None)
+    expected, answer_type = PY_TYPES.get(ptype), next((type(a) for a in accepted if a != ""), None)
     if expected is not None and type(value) is not expected and type(value) is not answer_type:
         return False
     if isinstance(value, dict):
@@ -366,9 +337,8 @@ def check_call(call, answer, tools):
         return f"wrong function {call['name']!r}, expected {name!r}"
     schema = next((t["parameters"] for t in tools if t["name"] == name), {})
     props, args = schema.get("properties", {}), call["arguments"]
-    for k in schema.get("required", []):
-        if k not in args:
-            return f"missing required parameter {k!r}"
+    if missing := [k for k in schema.get("required", []) if k not in args]:
+        return f"missing required parameter {missing[0]!r}"
     for k, v in args.items():
         if k not in props or k not in params:
             return f"unexpected parameter {k!r}"
@@ -414,8 +384,7 @@ def load_jsonl(path, fields):
                 raise ValueError(f"{path}:{i}: not a JSON object")
             if missing := [k for k in fields if k not in row]:
                 raise ValueError(f"{path}:{i}: missing field {missing[0]!r}")
-            if isinstance(row.get("ground_truth"), str) and "<tool_call>" in row["ground_truth"] and \
-                    parse_tool_calls(row["ground_truth"]) is None:
+            if "<tool_call>" in str(row.get("ground_truth")) and parse_tool_calls(str(row["ground_truth"])) is None:
                 raise ValueError(f"{path}:{i}: field 'ground_truth' has an unparseable <tool_call> block")
             rows.append(row)
     return rows
@@ -430,17 +399,17 @@ def strip_eos(text, tokenizer):
     return text.split(tokenizer.eos_token)[0]
 
 
-@functools.lru_cache(maxsize=2)
-def _pass_order(n, seed, epoch):
-    order = list(range(n))
-    random.Random(f"{seed}/{epoch}").shuffle(order)
-    return order
+def seed_of(*keys):
+    """A seed from keys like (seed, "sample", step, rank): the same in every process and run (resume needs no RNG)."""
+    return random.Random(repr(keys)).getrandbits(63)
 
 
 def prompts_at(rows, seed, start, count):
     """rows at positions start..start+count-1 of an endless stream of passes over rows, each pass in its own fixed
     shuffle: a pure function of the position, so all processes agree and a resumed run continues the stream."""
-    return [rows[_pass_order(len(rows), seed, p // len(rows))[p % len(rows)]] for p in range(start, start + count)]
+    n, span = len(rows), range(start, start + count)
+    order = {e: random.Random(seed_of(seed, "pass", e)).sample(range(n), n) for e in {p // n for p in span}}
+    return [rows[order[p // n][p % n]] for p in span]
 
 
 def gather(x):
@@ -451,49 +420,34 @@ def gather(x):
     return out
 
 
-def rng_state(state=None):
-    """This process's RNG states (python, numpy, torch, cuda); with `state`: set them."""
-    if state is None:
-        return [random.getstate(), np.random.get_state(), torch.get_rng_state()] + \
-            ([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
-    random.setstate(state[0]), np.random.set_state(state[1]), torch.set_rng_state(state[2])
-    if len(state) > 3:
-        torch.cuda.set_rng_state(state[3])
-
-
 # ---------------------------------------------------------------- rollout and evaluation
 @torch.no_grad()
 def greedy(model, tokenizer, rows, max_new_tokens, args):
-    """Greedy completions (EOS cut) of records in order; under torchrun each process completes every world-th one."""
+    """Greedy completions (EOS cut) of records, in order; under torchrun each process completes every world-th one."""
     rank, world = distributed()
-    part = rows[rank::world]
-    rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in part])
+    rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in rows[rank::world]])
     texts = gather([strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, max_new_tokens, 0.0,
                                                               batch_size=args.gen_batch_size)])
     return [texts[i % world][i // world] for i in range(len(rows))]
 
 
-def evaluate(model, tokenizer, items, args, path):
-    """Greedy completion per BFCL item -> accuracy per category and overall; one prediction per line in path."""
-    items = sorted(items, key=lambda r: len(json.dumps(r["tools"])))  # less padding per batch
-    per_cat, preds = {}, []
+def evaluate(model, tokenizer, items, heldout, args, path):
+    """BFCL accuracy per category and overall (one prediction per line in path) and the greedy ToolRL reward (format
+    + correctness, no schedule) of each held-out prompt -> (metrics, held-out rewards in order)."""
+    items, per_cat, preds = sorted(items, key=lambda r: len(json.dumps(r["tools"]))), {}, []  # less padding
     for item, text in zip(items, greedy(model, tokenizer, items, args.eval_max_new_tokens, args)):
         calls = parse_bfcl_calls(text)
         ok, error = bfcl_check(calls, item["possible_answer"], item["tools"], item["category"])
         per_cat.setdefault(item["category"], []).append(ok)
         preds.append(json.dumps({"id": item["id"], "category": item["category"], "correct": ok, "error": error,
                                  "completion": text, "calls": calls}, ensure_ascii=False) + "\n")
-    if distributed()[0] == 0:
+    if items and distributed()[0] == 0:
         Path(path).write_text("".join(preds))
-    acc = {f"bfcl/{c}": float(np.mean(v)) for c, v in sorted(per_cat.items())}
-    acc["bfcl/overall"] = float(np.mean([ok for v in per_cat.values() for ok in v])) if per_cat else 0.0
-    return acc
-
-
-def heldout_rewards(model, tokenizer, rows, args):
-    """Greedy ToolRL reward (format + correctness, no schedule) of each held-out prompt, in the order given."""
-    texts = greedy(model, tokenizer, rows, args.max_new_tokens, args)
-    return [toolrl_reward(t, r["ground_truth"])["total"] for t, r in zip(texts, rows)]
+    out = {f"bfcl/{c}": float(np.mean(v)) for c, v in sorted(per_cat.items())}
+    out.update({"bfcl/overall": float(np.mean([ok for v in per_cat.values() for ok in v]))} if items else {})
+    texts = greedy(model, tokenizer, heldout, args.max_new_tokens, args)
+    rewards = [toolrl_reward(t, r["ground_truth"])["total"] for t, r in zip(texts, heldout)]
+    return {**out, **({"heldout/reward": float(np.mean(rewards))} if heldout else {})}, rewards
 
 
 def paired_bootstrap(before, after, samples=10000, seed=0):
@@ -540,30 +494,27 @@ def _logprobs_in_chunks(model, data, args):
 
 
 def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=None, seed=0):
-    """Steps 4-5 of a GRPO iteration on this process's rows of a rollout batch (collated (N, T) tensors, advantages
-    (N,)): old_logp and ref_logp, then ppo_epochs x num_minibatches optimizer steps, each accumulated over token-sized
-    micro-batches. Minibatches split a permutation (from `seed`: the same in every process) of the whole batch's
-    groups (or rows), and losses are normalised by each minibatch's global row and token counts: under torchrun the
-    summed gradient (sync_gradients) is the one-process one. Without a KL term (beta = 0) a sequence with advantage 0
-    has exactly zero gradient: it is skipped (the weights still count it: the same update). A non-finite loss or
-    gradient skips the step (guard). Returns token-weighted means of the loss metrics over all processes, the mean
-    grad_norm and the guard's skipped_steps."""
-    rank, guard = distributed()[0], guard or FiniteGuard(args.max_bad_steps)
+    """Steps 4-5 of a GRPO iteration on this process's rows (collated (N, T) tensors, advantages (N,)): old_logp,
+    ref_logp, then ppo_epochs x num_minibatches optimizer steps over token-sized micro-batches. A minibatch is a
+    share of a permutation (`seed`: the same in every process) of all processes' groups (or rows); losses are
+    normalised by its global row and token counts, so the gradient summed by sync_gradients is the one-process one.
+    Without KL (beta = 0) an advantage-0 sequence has zero gradient: skipped (still counted: the same update). A
+    non-finite loss or gradient skips the step (guard). -> metrics (token-weighted over all processes)."""
+    (rank, world), guard = distributed(), guard or FiniteGuard(args.max_bad_steps)
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
     assert loss_mask.sum() > 0, "empty loss_mask"
     active = (advantages != 0) | (args.beta > 0)  # (N,)
     old_logp = data["sample_logp"] if args.old_logp == "sampler" else _logprobs_in_chunks(model, data, args)
     ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
     unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
-    counts = gather(len(loss_mask) // unit)  # units per process; this one holds units first .. first + n - 1
-    first, n, gen = sum(counts[:rank]), counts[rank], torch.Generator().manual_seed(seed)
+    n, gen = len(loss_mask) // unit, torch.Generator().manual_seed(seed)  # this process: units rank * n + (0..n-1)
     keys = ["policy_loss", "clipfrac", "approx_kl", "ratio_mean"] + ["kl"] * (ref_logp is not None)
     sums, norms = torch.zeros(len(keys) + 1, dtype=torch.float64), []  # token-weighted sums, then tokens
     for epoch in range(args.ppo_epochs):
-        for m, units in enumerate(torch.randperm(sum(counts), generator=gen).view(args.num_minibatches, -1)):
-            units = units[(units >= first) & (units < first + n)] - first  # this process's share of minibatch m
-            idx = (units[:, None] * unit + torch.arange(unit)).flatten()  # its rows
-            mini_rows, mini_tokens = all_reduce(float(len(idx))), all_reduce(float(loss_mask[idx].sum()))
+        for m, units in enumerate(torch.randperm(n * world, generator=gen).view(args.num_minibatches, -1)):
+            mini_rows, units = len(units) * unit, units[units // n == rank] - rank * n  # this process's share
+            idx = (units[:, None] * unit + torch.arange(unit)).flatten()  # its rows of minibatch m (maybe none)
+            mini_tokens = all_reduce(float(loss_mask[idx].sum()))  # global counts
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
             mini_loss = 0.0
             for k, mb in enumerate(micro_batches(data, idx[active[idx].cpu()], args)):
@@ -574,8 +525,7 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=
                     None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
                 n_tok = float(loss_mask[mb].sum())
-                weighted = loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)
-                weighted.backward()
+                (weighted := loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)).backward()
                 mini_loss += weighted.item()
                 if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
                     ratio, akl = float(metrics["ratio_mean"]), float(metrics["approx_kl"])
@@ -594,14 +544,12 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=
 
 
 def main(args):
-    args = resolve_defaults(args)
-    rank, world = distributed()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # sampling
+    args, (rank, world) = resolve_defaults(args), distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 prints
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
     device = next(model.parameters()).device
-    ref_model = None if args.beta == 0 else (load_model(args.model)[0] if args.resume else copy.deepcopy(model))
-    ref_model = ref_model and ref_model.requires_grad_(False)  # the starting model, frozen
+    ref_model = None if args.beta == 0 else load_model(args.model)[0] if args.resume else copy.deepcopy(model)
     data_parallel(model)  # under torchrun: rank 0's weights everywhere, gradients summed by sync_gradients
     train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
     heldout = [r for r in load_jsonl(args.heldout_file, ["id", "tools", "dialogue", "ground_truth"])
@@ -620,56 +568,50 @@ def main(args):
     say(f"train prompts: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; held-out prompts: "
         f"{len(heldout)}; eval items: " + ", ".join(f"{c} {len(v)}" for c, v in by_cat.items()))
     logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    guard, B, G = FiniteGuard(args.max_bad_steps), args.prompts_per_step, args.group_size
-    b = B // world  # prompts per process: whole groups
+    optimizer, guard = torch.optim.Adam(model.parameters(), lr=args.lr), FiniteGuard(args.max_bad_steps)
+    B, G, b = args.prompts_per_step, args.group_size, args.prompts_per_step // world  # b: prompts per process
 
-    if args.resume:  # the model was loaded from the checkpoint; optimizer, RNGs, prompt position, guard, 'before'
-        saved = json.loads((logger.dir / "args.json").read_text())
-        changed = {k: (v, getattr(args, k)) for k, v in saved.items() if k != "resume" and getattr(args, k, v) != v}
-        _ = changed and say(f"warning: resumed with arguments other than in args.json (was, now): {changed}",
-                            file=sys.stderr)
+    if args.resume:  # the model came from the checkpoint; now the optimizer, prompt position, guard and 'before'
+        saved = json.loads((logger.dir / "args.json").read_text()).items()
+        if changed := {k: (v, getattr(args, k)) for k, v in saved if k != "resume" and getattr(args, k) != v}:
+            say(f"warning: resumed with arguments other than in args.json (was, now): {changed}", file=sys.stderr)
         state = logger.restore(optimizer)
-        if len(state["rngs"]) != world:
-            sys.exit(f"{args.resume} ran in {len(state['rngs'])} processes: resume it in as many")
-        rng_state(state["rngs"][rank])
-        start, position, before, heldout_before = (state[k] for k in ("step", "position", "before", "heldout"))
-        start, (guard.in_a_row, guard.skipped) = start + 1, state["guard"]
-        say(f"resumed {logger.dir} after step {start - 1}")
+        start, before, heldout_before = state["step"] + 1, state["before"], state["heldout"]
+        guard.in_a_row, guard.skipped = state["guard"]
+        say(f"resumed {logger.dir} at step {start}")
     else:  # 0. BFCL accuracy and held-out ToolRL reward of the starting model
-        t0, start, position = time.time(), 0, 0
-        first = "predictions.jsonl" if args.total_steps == 0 else "predictions_before.jsonl"
-        before = evaluate(model, tokenizer, evals, args, logger.dir / first) if evals else {}
-        heldout_before = heldout_rewards(model, tokenizer, heldout, args) if heldout else []
-        before.update({"heldout/reward": float(np.mean(heldout_before))} if heldout else {})
+        t0, start = time.time(), 0
+        before, heldout_before = evaluate(model, tokenizer, evals, heldout, args, logger.dir / (
+            "predictions.jsonl" if args.total_steps == 0 else "predictions_before.jsonl"))
         say("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
 
     keys = ["reward", "rewards/format/mean", "rewards/correctness/mean", "frac_reward_zero_std", "clipfrac",
             "approx_kl", "completion_len", "skipped_steps", "time/generate_s", "time/train_s"]
     for step in tqdm(range(start, args.total_steps), desc="grpo", disable=rank > 0 or not sys.stderr.isatty()):
-        # 1. sample G completions per prompt of this process's share (one assistant turn, no tool execution)
-        batch, position = prompts_at(train, args.seed, position + rank * b, b), position + B
-        t_gen = time.time()
+        # 1. sample G completions per prompt, this process's share of the step's prompts (no tool execution)
+        batch = prompts_at(train, args.seed, step * B + rank * b, b)  # the prompt stream is resumable: by position
+        torch.manual_seed(seed_of(args.seed, "sample", step, rank))  # per process; a resumed run draws the same
+        t0 = time.time()
         rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in batch], n=G)
         texts = [strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, args.max_new_tokens,
                  args.temperature, batch_size=args.gen_batch_size, share_prefix=args.shared_prefix)]
-        t_gen = time.time() - t_gen
-        # 2. rewards: named components per completion; those of all processes (rank order = prompt order)
-        t_train = time.time()
+        t_gen = time.time() - t0
+        # 2. rewards: named components per completion; then those of all processes (in prompt order)
         comps = [toolrl_reward(text, batch[i // G]["ground_truth"], step, args.total_steps, args.matching,
                                args.granularity, args.schedule, args.two_stage_step, args.equal_max,
                                args.length_reward) for i, text in enumerate(texts)]
         data = collate(rollouts, tokenizer.pad_token_id, device)
-        comps = sum(gather([dict(c, len=float(n), clipped=float(r.stop_reason == "length"), calls=float(len(
-            parse_bfcl_calls(t) or []))) for c, n, r, t in zip(comps, data["loss_mask"].sum(1), rollouts, texts)]), [])
+        comps = sum(gather([dict(c, len=n, clipped=r.stop_reason == "length", calls=len(parse_bfcl_calls(t) or []))
+                            for c, n, r, t in zip(comps, data["loss_mask"].sum(1).tolist(), rollouts, texts)]), [])
         rewards = torch.tensor([c["total"] for c in comps])  # (B*G,)
         assert torch.isfinite(rewards).all(), "non-finite reward"
-        # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3) over the whole batch; this process's rows
+        # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3), of the whole batch; this process's rows
         advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps)  # (B*G,)
         advantages = advantages[rank * b * G:(rank + 1) * b * G].to(device)
         # 4.-5. old_logp, then several minibatch updates of the clipped surrogate
-        stats = grpo_update(model, optimizer, data, advantages, args, ref_model, guard, seed=args.seed * 10**6 + step)
-        t_train = time.time() - t_train
+        stats = grpo_update(model, optimizer, data, advantages, args, ref_model, guard,
+                            seed=seed_of(args.seed, "minibatches", step))
+        t_train = time.time() - t0 - t_gen
         # 6. log aggregates over the whole step (all processes)
         mean = {k: float(np.mean([c[k] for c in comps])) for k in comps[0]}
         row = {"reward": rewards.mean(), "reward_std": rewards.std(),
@@ -679,23 +621,21 @@ def main(args):
                "tokens_per_s": mean["len"] * len(comps) / max(t_gen, 1e-9), "time/generate_s": t_gen,
                "time/train_s": t_train}
         logger.log(step, row, keys=keys)
-        if (args.save_every and (step + 1) % args.save_every == 0) or (args.save_model and step + 1 == args.total_steps):
-            path = logger.save(step, model, tokenizer, optimizer, position=position, rngs=gather(rng_state()),
-                               guard=(guard.in_a_row, guard.skipped), before=before, heldout=heldout_before)
+        if args.save_every and (step + 1) % args.save_every == 0 or args.save_model and step + 1 == args.total_steps:
+            path = logger.save(step, model, tokenizer, optimizer, before=before, heldout=heldout_before,
+                               guard=(guard.in_a_row, guard.skipped))
             say(f"checkpoint after step {step}: {path}", flush=True)
 
     # 7. BFCL accuracy and held-out reward after training (paired bootstrap interval); predictions in predictions.jsonl
-    after = evaluate(model, tokenizer, evals, args, logger.dir / "predictions.jsonl") \
-        if evals and args.total_steps > 0 else {}
-    if heldout and args.total_steps > 0:
-        heldout_after = heldout_rewards(model, tokenizer, heldout, args)
-        after.update({f"heldout/{k}": v for k, v in paired_bootstrap(heldout_before, heldout_after).items()},
-                     **{"heldout/reward": float(np.mean(heldout_after))})
-    _ = after and say("after:", json.dumps(after))
+    after = {}
+    if args.total_steps > 0:
+        after, heldout_after = evaluate(model, tokenizer, evals, heldout, args, logger.dir / "predictions.jsonl")
+        after.update({f"heldout/{k}": v for k, v in paired_bootstrap(heldout_before, heldout_after).items()}
+                     if heldout else {})
+        say("after:", json.dumps(after))
     summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
-               "eval_items": len(evals), "heldout_items": len(heldout), "train_prompts": len(train)}
-    if args.save_model and args.total_steps > 0:
-        summary["checkpoint"] = str(logger.dir / "checkpoint")
+               "eval_items": len(evals), "heldout_items": len(heldout), "train_prompts": len(train),
+               **({"checkpoint": str(logger.dir / "checkpoint")} if args.save_model and args.total_steps > 0 else {})}
     say(json.dumps(logger.finish(summary), indent=1))
     return summary
 
