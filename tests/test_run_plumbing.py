@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from algos.model import FiniteGuard, RunLogger, arg, load_model, model_error, parse_args
+from algos.model import (FiniteGuard, RunLogger, arg, file_error, gather, load_model, model_error, parse_args,
+                         rows_at, seed_of)
 
 
 @dataclass
@@ -53,6 +54,29 @@ def test_model_error(tmp_path):
     assert model_error(str(tmp_path / "ckpt")) is None and model_error("Qwen/Qwen2.5-0.5B-Instruct") is None
     assert model_error(str(tmp_path / "nope")) == f"no such model folder: {tmp_path / 'nope'}"
     assert model_error("tests/not_a_model") == "no such model folder: tests/not_a_model"  # tests/ exists here
+
+
+def test_file_error(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}")
+    assert file_error(str(tmp_path / "a.jsonl")) is None and file_error("") is None
+    assert file_error(str(tmp_path)) == f"no such file: {tmp_path}"
+
+
+def test_data_stream_is_a_pure_function_of_the_position():
+    rows = list("abcdefg")
+    stream = rows_at(rows, 3, 0, 21)
+    assert all(sorted(stream[i:i + 7]) == rows for i in (0, 7, 14))  # each pass holds every row once
+    assert stream[:7] != stream[7:14]  # in its own shuffle
+    assert rows_at(rows, 3, 5, 9) == stream[5:14]  # a resumed run continues the same stream
+    assert rows_at(rows, 4, 0, 7) != stream[:7] and seed_of(1, "x", 2) == seed_of(1, "x", 2) != seed_of(1, "x", 3)
+    assert gather({"a": 1}) == [{"a": 1}]  # one process
+
+
+def test_resume_recovers_a_checkpoint_caught_between_renames(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint.old123").mkdir(parents=True)
+    RunLogger("t", 1, Args(), resume=str(run))
+    assert (run / "checkpoint").is_dir() and not (run / "checkpoint.old123").exists()
 
 
 def test_save_restore_roundtrip(tmp_path):
