@@ -34,6 +34,9 @@ Usage (from the repository root):
 Non-finite steps are skipped and counted (skipped_steps); --max-bad-steps 3 in a row stop the run.
 Expected at the defaults (SmolLM2-135M, 2-core CPU): held-out loss falls several-fold and the tool decision on
 unseen questions goes from the base model's "never call a tool" to mostly right; README.md has the measured figures.
+Agentic evaluation (16 held-out questions, measured 2026-11-29 on the checkpoint of a default run): final-answer
+accuracy 43.8% -> 62.5%, tool calls per question 0 -> 0.25 (Code on the 4 hard sums, all right; no Search on the 4
+obscure facts: the model still answers those from memory); ~15 s per evaluation on the CPU.
 """
 import json
 import math
@@ -102,10 +105,10 @@ class Args:
     eval_rows: int = arg(32, "held-out rows used for the loss (0 = all)", low=0)
     decision_rows: int = arg(60, "held-out questions for the tool-decision accuracy at start and end (0 = skip)", low=0)
     decision_tokens: int = arg(48, "max new tokens when probing the tool decision", low=1)
-    agent_rows: int = arg(8, "held-out questions answered agentically at start and end (Code run in run_python, "
+    agent_rows: int = arg(16, "held-out questions answered agentically at start and end (Code run in run_python, "
                               "Search from the row's recorded output): final-answer accuracy, tool calls per "
                               "question (SMART's metrics); 0 = skip", low=0)
-    agent_tokens: int = arg(64, "max new tokens per assistant turn in the agentic evaluation", low=1)
+    agent_tokens: int = arg(96, "max new tokens per assistant turn in the agentic evaluation", low=1)
     max_tool_calls: int = arg(2, "tool calls per question in the agentic evaluation; a further request ends it "
                                  "unanswered", low=0)
     save_every: int = arg(0, "steps between resumable checkpoints (0 = only at the end); each replaces the last whole",
