@@ -11,6 +11,7 @@
 - `arg`/`parse_args`, `RunLogger`, `save_checkpoint`: the plumbing every script shares.
 """
 import argparse
+import atexit
 import dataclasses
 import importlib.util
 import json
@@ -489,6 +490,7 @@ def distributed():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(lambda: (_PARALLEL.clear(), dist.destroy_process_group()))  # else exit may abort
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -502,22 +504,25 @@ class _Touch(torch.nn.Module):
         return sum(p.sum() for p in self.module.parameters() if p.requires_grad) * 0.0
 
 
+_PARALLEL = {}  # id(module) -> its DistributedDataParallel wrapper
+
+
 def data_parallel(module):
     """Under torchrun: DistributedDataParallel over `module` (rank 0's parameters go to all). sync_gradients(module),
     once per optimizer step after the micro-batches' backward passes (their number may differ per process), makes
     each gradient its sum over processes in DDP's bucketed all-reduce. Losses are normalised by global counts
     (all_reduce), so the sum is the one-process gradient. No-op in one process."""
-    if dist.is_initialized() and not hasattr(module, "_ddp"):
+    if dist.is_initialized() and id(module) not in _PARALLEL:
         ddp = DistributedDataParallel(_Touch(module), forward_sync_buffers=False)
         ddp.register_comm_hook(None, lambda state, bucket: dist.all_reduce(  # a sum, where DDP's default is a mean
             bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0]))
-        object.__setattr__(module, "_ddp", ddp)  # not a submodule: stays out of state_dict and parameters()
+        _PARALLEL[id(module)] = ddp
     return module
 
 
 def sync_gradients(module):
-    if hasattr(module, "_ddp"):
-        module._ddp().backward()
+    if id(module) in _PARALLEL:
+        _PARALLEL[id(module)]().backward()
 
 
 def gather(x):
