@@ -51,13 +51,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from algos.model import (ChatClient, ChatError, RunLogger, arg, encode_chat, generate, load_model,  # noqa: E402
-                         model_error, parse_args, render_chat, start_rollouts)
+from algos.model import (ChatClient, ChatError, RunLogger, arg, encode_chat, file_error, generate,  # noqa: E402
+                         load_model, model_error, parse_args, render_chat, start_rollouts)
 from kernels.logprob import linear_token_logprobs  # noqa: E402
-
-
-def file_error(path):  # check= of file fields ('' passes where the field is optional: `p and file_error(p)`)
-    return None if Path(path).is_file() else f"no such file: {path}"
 
 
 def oracle_error(backend):  # check= of --evaluator/--proposer: rule, policy, an http(s) URL or a load_model name
@@ -72,7 +68,8 @@ class Args:
     model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | folder (last SFT checkpoint)", check=model_error)
     runs_dir: str = arg("runs", "where run folders go")
     iteration: int = arg(0, "this iteration's index: it takes red-team batch `iteration` (run.sh counts)", low=0)
-    prompts_file: str = arg("data/redteam_prompts.jsonl", "red-team prompts (see --prompts-format)", check=file_error)
+    prompts_file: str = arg("data/redteam_prompts.jsonl", "red-team prompts (see --prompts-format)",
+                                check=lambda p: file_error(p or "''"))
     prompts_format: str = arg("bundled", "our JSONL | HarmfulQA | DangerousQA | hh-rlhf (red-team attempts or "
                               "harmless-base); .gz too", choices=("bundled", "harmfulqa", "dangerousqa", "hh_rlhf"))
     batch_size: int = arg(20, "red-team prompts per iteration (released code: 20)", low=1)
@@ -89,7 +86,7 @@ class Args:
     constitution_mode: str = arg("accumulate", "accumulate: keep earlier iterations' constitutions, deduplicated "
                                  "(paper) | per_batch: this batch's only (code)", choices=("accumulate", "per_batch"))
     constitutions_in: str = arg("", "constitutions.txt of the previous iteration (accumulate mode)",
-                                check=lambda p: p and file_error(p))
+                                check=file_error)
     max_constitutions: int = arg(12, "keep at most this many constitutions in context (the most recent)", low=1)
     constitution_place: str = arg("user", "where constitutions go when answering again", choices=("user", "system"))
     filter_revised: bool = arg(True, "keep only revised answers the evaluator accepts (paper) or all (code)")
@@ -100,7 +97,7 @@ class Args:
     hhh_format: str = arg("choice", "HHH scoring: choice (log-prob of the better reply's letter, both orders) | ll "
                           "(each option's log-prob as the reply; order-free) | both", choices=("choice", "ll", "both"))
     truthfulqa_file: str = arg("", "TruthfulQA MC1 items, JSON or JSONL with mc1_targets ('' = skip)",
-                               check=lambda p: p and file_error(p))
+                               check=file_error)
     score_batch_size: int = arg(8, "continuations per forward pass (each distinct prompt prefix runs once)", low=1)
     report_runs: str = arg("", "run folders of earlier iterations (space-separated) to tabulate in the summary",
                            check=lambda s: ";".join(filter(None, [file_error(d + "/summary.json") for d in s.split()])))
