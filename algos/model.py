@@ -8,7 +8,10 @@
   `sequence_logprobs`: differentiable per-token log-probs through the fused kernels (no [N, V] fp32 tensor). Both
   run a prefix shared by several rows once (a GRPO group's prompt; exact, gradients included).
 - `ChatClient`: one interface for LLM roles: a local model or any OpenAI-compatible `/v1/chat/completions` endpoint.
-- `arg`/`parse_args`, `RunLogger`, `save_checkpoint`: the plumbing every script shares.
+- `arg`/`parse_args` (checks declared on each field, run at parse time), `RunLogger` (run folder; `save`/`restore` a
+  resumable checkpoint), `save_checkpoint`, `FiniteGuard` (skips non-finite steps): the plumbing every script shares.
+- torchrun: `distributed`, `data_parallel`/`sync_gradients` (DDP sums gradients once per optimizer step),
+  `all_reduce`, `gather`, and `seed_of`/`rows_at` (seeds and data order that every process, and a resumed run, agree on).
 """
 import argparse
 import atexit
