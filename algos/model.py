@@ -11,7 +11,7 @@
 - `arg`/`parse_args` (checks declared on each field, run at parse time), `RunLogger` (run folder; `save`/`restore` a
   resumable checkpoint), `save_checkpoint`, `FiniteGuard` (skips non-finite steps): the plumbing every script shares.
 - torchrun: `distributed`, `data_parallel`/`sync_gradients` (DDP sums gradients once per optimizer step),
-  `all_reduce`, `gather`, and `seed_of`/`rows_at` (seeds and data order that every process, and a resumed run, agree on).
+  `all_reduce`, `gather`, `seed_of`/`rows_at` (seeds and data order that every process, and a resumed run, agree on).
 """
 import argparse
 import atexit
