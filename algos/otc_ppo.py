@@ -58,21 +58,16 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from algos.model import (FiniteGuard, RunLogger, all_reduce, append_tokens, arg, collate, data_parallel,  # noqa: E402
-                         distributed, generate, load_model, model_error, parse_args, render_chat, sequence_logprobs,
-                         start_rollouts, sync_gradients)
+                         distributed, file_error, gather, generate, load_model, model_error, parse_args, render_chat,
+                         rows_at, seed_of, sequence_logprobs, start_rollouts, sync_gradients)
 from kernels.advantage import group_advantages, policy_loss  # noqa: E402
 
 
 def positive(value):
     return None if value > 0 else "must be > 0"
-
-
-def file_error(path):
-    return None if Path(path).is_file() else f"no such file: {path}"
 
 
 @dataclass
@@ -85,9 +80,11 @@ class Args:
                       check=lambda r: r and not Path(r, "checkpoint/trainer_state.pt").is_file() and "no checkpoint")
     save_every: int = arg(0, "save the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
     max_bad_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss/gradient", low=1)
-    train_file: str = arg("data/otc_train.jsonl", "QA rows for RL (data/make_otc_qa.py)", check=file_error)
-    test_file: str = arg("data/otc_test.jsonl", "held-out QA rows for EM / TC / TP", check=file_error)
-    corpus_file: str = arg("data/otc_corpus.jsonl", "passages for the local BM25 index", check=file_error)
+    train_file: str = arg("data/otc_train.jsonl", "QA rows for RL (data/make_otc_qa.py)",
+                          check=lambda p: file_error(p or "''"))
+    test_file: str = arg("data/otc_test.jsonl", "held-out QA rows for EM / TC / TP; '' = none", check=file_error)
+    corpus_file: str = arg("data/otc_corpus.jsonl", "passages for the local BM25 index",
+                           check=lambda p: file_error(p or "''"))
     retriever: str = arg("bm25", "bm25 (local index of corpus_file) | http://host:port of a Search-R1 server",
                          check=lambda v: v != "bm25" and not v.startswith("http") and "bm25 or an http:// address")
     retrieval_timeout: float = arg(10.0, "seconds to wait for the retrieval server", check=positive)
@@ -142,6 +139,8 @@ class Args:
             raise ValueError("--estimator grpo needs --group-size >= 2 and --kl-mode loss (a reward per rollout)")
         if self.prompts_per_step * (1 if self.shared_prefix else self.group_size) % self.num_minibatches:
             raise ValueError(f"--num-minibatches {self.num_minibatches} must divide a step's groups (GRPO) or rows")
+        if self.prompts_per_step % int(os.environ.get("WORLD_SIZE", 1)):  # whole questions, as many per process
+            raise ValueError(f"--prompts-per-step {self.prompts_per_step} must split evenly over torchrun's processes")
 
 
 # ---------------------------------------------------------------- prompt and actions
@@ -341,31 +340,6 @@ def load_jsonl(path, fields):
     return rows
 
 
-def prompts_at(rows, seed, start, count):
-    """rows at positions start..start+count-1 of an endless stream of passes over rows, each pass in its own fixed
-    shuffle: a pure function of the position, so all processes agree and a resumed run continues the stream."""
-    n = len(rows)
-    return [rows[random.Random(f"{seed}/{p // n}").sample(range(n), n)[p % n]] for p in range(start, start + count)]
-
-
-def gather(x):
-    """[x of each process] in rank order (any picklable x); [x] in one process."""
-    out = [x] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(out, x)
-    return out
-
-
-def rng_state(state=None):
-    """This process's RNG states (python, numpy, torch, cuda); with `state`: set them."""
-    if state is None:
-        return [random.getstate(), np.random.get_state(), torch.get_rng_state()] + \
-            ([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
-    random.setstate(state[0]), np.random.set_state(state[1]), torch.set_rng_state(state[2])
-    if len(state) > 3:
-        torch.cuda.set_rng_state(state[3])
-
-
 # ---------------------------------------------------------------- rollout and evaluation
 def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
     """Multi-turn rollouts, n per question in a row: generate until </search> or </answer>; a search runs and its
@@ -491,23 +465,22 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
     ref_logp enters the loss as k3 with kl_mode=loss only. A GRPO row with advantage 0 and no KL or entropy term has
     zero gradient: skipped (still counted). A non-finite loss or gradient skips the step (guard). -> token-weighted
     means of the metrics over all processes, mean grad_norm and minibatch policy_loss."""
-    rank, guard = distributed()[0], guard or FiniteGuard(args.max_bad_steps)
+    (rank, world), guard = distributed(), guard or FiniteGuard(args.max_bad_steps)
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens only; prompt, tool turns and padding 0
     assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
     ppo, kl_ref = returns is not None, ref_logp if args.kl_mode == "loss" else None
     skip = advantages.dim() == 1 and kl_ref is None and args.ent_coef == 0
     active = (advantages != 0).cpu() if skip else torch.ones(len(loss_mask), dtype=torch.bool)  # (N,)
     unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
-    counts = gather(len(loss_mask) // unit)  # units per process; this one holds units first .. first + n - 1
-    first, n, gen = sum(counts[:rank]), counts[rank], torch.Generator().manual_seed(seed)
+    n, gen = len(loss_mask) // unit, torch.Generator().manual_seed(seed)  # this process: units rank * n + (0..n-1)
     keys = ["clipfrac", "approx_kl", "ratio_mean"] + ["kl"] * (kl_ref is not None) + ["value_loss"] * ppo
     keys += ["entropy"] * (args.ent_coef > 0)
     sums, steps = torch.zeros(len(keys) + 1, dtype=torch.float64), []  # the keys' token-weighted sums, then tokens
     for epoch in range(args.ppo_epochs):
-        for m, units in enumerate(torch.randperm(sum(counts), generator=gen).view(args.num_minibatches, -1)):
-            units = units[(units >= first) & (units < first + n)] - first  # this process's share of minibatch m
-            idx = (units[:, None] * unit + torch.arange(unit)).flatten()  # its rows
-            mini_rows, mini_tokens = all_reduce(float(len(idx))), all_reduce(float(loss_mask[idx].sum()))
+        for m, units in enumerate(torch.randperm(n * world, generator=gen).view(args.num_minibatches, -1)):
+            mini_rows, units = len(units) * unit, units[units // n == rank] - rank * n  # this process's share
+            idx = (units[:, None] * unit + torch.arange(unit)).flatten()  # its rows of minibatch m (maybe none)
+            mini_tokens = all_reduce(float(loss_mask[idx].sum()))  # global counts
             optimizer.zero_grad(set_to_none=False)  # zero tensors, not None: Adam steps even when all were skipped
             mini_loss = torch.zeros(2, dtype=torch.float64)  # this process's share: whole loss, policy part
             for k, mb in enumerate(micro_batches(data, idx[active[idx]], args)):
@@ -583,8 +556,6 @@ def main(args):
     say = print if rank == 0 else (lambda *a, **k: None)
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # sampling
     B, G, b = args.prompts_per_step, args.group_size, args.prompts_per_step // world  # b: questions per process
-    if B % world:
-        sys.exit(f"--prompts-per-step {B} must give each of {world} processes the same number of questions")
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
     device = next(model.parameters()).device
     ref_model = None if args.beta == 0 else (load_model(args.model)[0] if args.resume else copy.deepcopy(model))
@@ -597,7 +568,7 @@ def main(args):
         data_parallel(value_head)
     data_parallel(model)  # under torchrun: rank 0's weights everywhere, gradients summed by sync_gradients
     train = load_jsonl(args.train_file, QA_FIELDS)
-    tests = load_jsonl(args.test_file, QA_FIELDS)[:args.eval_items or None]
+    tests = load_jsonl(args.test_file, QA_FIELDS)[:args.eval_items or None] if args.test_file else []
     retriever = SearchR1Client(args.retriever, args.retrieval_timeout) if args.retriever.startswith("http") else \
         BM25Retriever(load_jsonl(args.corpus_file, {"id": str, "title": str, "text": str}))
     say(f"train/test questions: {len(train)}/{len(tests)}, {args.estimator}, reward {args.reward}, {B} x {G} rollouts")
@@ -606,19 +577,16 @@ def main(args):
         [] if value_head is None else [{"params": value_head.parameters(), "lr": args.critic_lr}]))
     objects, guard = [optimizer] + [value_head] * (value_head is not None), FiniteGuard(args.max_bad_steps)
 
-    if args.resume:  # the model was loaded from the checkpoint; optimizer, value head, RNGs, data position, ...
-        saved = json.loads((logger.dir / "args.json").read_text())
-        changed = {k: (v, getattr(args, k)) for k, v in saved.items() if k != "resume" and getattr(args, k, v) != v}
-        _ = changed and say(f"warning: arguments other than in args.json (was, now): {changed}", file=sys.stderr)
+    if args.resume:  # the model came from the checkpoint; now optimizer, value head, call history, guard, 'before'
+        saved = json.loads((logger.dir / "args.json").read_text()).items()
+        if changed := {k: (v, getattr(args, k)) for k, v in saved if k != "resume" and getattr(args, k, v) != v}:
+            say(f"warning: resumed with arguments other than in args.json (was, now): {changed}", file=sys.stderr)
         state = logger.restore(*objects)
-        if len(state["rngs"]) != world:
-            sys.exit(f"{args.resume} ran in {len(state['rngs'])} processes: resume it in as many")
-        rng_state(state["rngs"][rank])
-        start, position, before, best_calls = (state[k] for k in ("step", "position", "before", "best_calls"))
-        start, (guard.in_a_row, guard.skipped) = start + 1, state["guard"]
-        say(f"resumed {logger.dir} after step {start - 1}")
+        start, before, best_calls, (guard.in_a_row, guard.skipped) = state["step"] + 1, state["before"], \
+            state["best_calls"], state["guard"]
+        say(f"resumed {logger.dir} at step {start}")
     else:  # 0. EM / TC / TP of the starting model; best_calls (OTC-GRPO): question id -> fewest calls when correct
-        t0, start, position, before, best_calls = time.time(), 0, 0, {}, {}
+        t0, start, before, best_calls = time.time(), 0, {}, {}
         if args.eval_before and tests:
             before = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions_before.jsonl")
             say("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
@@ -627,7 +595,8 @@ def main(args):
             "approx_kl", "clipfrac", "skipped_steps", "time/generate_s", "time/train_s"]
     for step in tqdm(range(start, args.total_steps), desc=args.estimator, disable=rank > 0 or not sys.stderr.isatty()):
         # 1. multi-turn rollouts: G per question of this process's share, searches executed by the retriever
-        batch, position = prompts_at(train, args.seed, position + rank * b, b), position + B
+        batch = rows_at(train, args.seed, step * B + rank * b, b)  # the question stream is resumable: by position
+        torch.manual_seed(seed_of(args.seed, "sample", step, rank))  # per process; a resumed run draws the same
         t_gen = time.time()
         rollouts, episodes = run_episodes(model, tokenizer, [r["question"] for r in batch], retriever, args, G,
                                           args.temperature)
@@ -645,8 +614,8 @@ def main(args):
         inputs, logs = advantages_and_targets(model, value_head, ref_model, data, rewards, args)
 
         # 5. clipped policy loss (+ clipped value loss) over minibatches
-        stats = ppo_update(model, value_head, optimizer, data, args=args, guard=guard, seed=args.seed * 10**6 + step,
-                           **inputs)
+        stats = ppo_update(model, value_head, optimizer, data, args=args, guard=guard,
+                           seed=seed_of(args.seed, "minibatches", step), **inputs)
         t_train = time.time() - t_train
 
         # 6. log aggregates over the whole step (all processes)
@@ -663,8 +632,8 @@ def main(args):
             row["frac_reward_zero_std"] = float((rewards.view(B, G).std(1) < 1e-6).float().mean())
         logger.log(step, row, keys=keys)
         if step + 1 == args.total_steps and args.save_model or args.save_every and (step + 1) % args.save_every == 0:
-            path = logger.save(step, model, tokenizer, *objects, position=position, rngs=gather(rng_state()),
-                               guard=(guard.in_a_row, guard.skipped), before=before, best_calls=best_calls)
+            path = logger.save(step, model, tokenizer, *objects, before=before, best_calls=best_calls,
+                               guard=(guard.in_a_row, guard.skipped))
             _ = path and value_head is not None and torch.save(value_head.state_dict(), path / "value_head.pt")
 
     # 7. EM / TC / TP after training
