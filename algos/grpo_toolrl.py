@@ -49,12 +49,11 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from algos.model import (FiniteGuard, RunLogger, all_reduce, arg, collate, data_parallel, distributed,  # noqa: E402
-                         generate, load_model, model_error, parse_args, render_chat, sequence_logprobs,
-                         start_rollouts, sync_gradients)
+                         file_error, gather, generate, load_model, model_error, parse_args, render_chat, rows_at,
+                         seed_of, sequence_logprobs, start_rollouts, sync_gradients)
 from kernels.advantage import LOSS_TYPES, group_advantages, policy_loss  # noqa: E402
 
 
@@ -62,7 +61,7 @@ GEN = "data/generated/"  # data/make_toolrl_bfcl.py writes here
 
 
 def data_file(path):  # checked at parse time, before a model is loaded
-    return None if Path(path).is_file() else f"{path} not found: run `python data/make_toolrl_bfcl.py --out-dir {GEN}`"
+    return file_error(path) and f"{file_error(path)}: run `python data/make_toolrl_bfcl.py --out-dir {GEN}`"
 
 
 @dataclass
@@ -109,7 +108,7 @@ class Args:
     eval_max_new_tokens: int = arg(0, "greedy tokens at BFCL evaluation; 0 = auto: 128 on CPU, 1024 on GPU", low=0)
     gen_batch_size: int = arg(32, "sequences per generation batch", low=1)
     heldout_file: str = arg(GEN + "toolrl_dev.jsonl", "held-out live prompts (those that fit eval_max_prompt_tokens): "
-                            "greedy reward; '' = none", check=lambda path: path and data_file(path))
+                            "greedy reward; '' = none", check=data_file)
     eval_only: bool = arg(False, "only measure BFCL accuracy of --model (no training)")
     save_model: bool = arg(True, "save the trained model to <run>/checkpoint (resumable, as --save-every)")
     save_every: int = arg(0, "save the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
@@ -399,27 +398,6 @@ def strip_eos(text, tokenizer):
     return text.split(tokenizer.eos_token)[0]
 
 
-def seed_of(*keys):
-    """A seed from keys like (seed, "sample", step, rank): the same in every process and run (resume needs no RNG)."""
-    return random.Random(repr(keys)).getrandbits(63)
-
-
-def prompts_at(rows, seed, start, count):
-    """rows at positions start..start+count-1 of an endless stream of passes over rows, each pass in its own fixed
-    shuffle: a pure function of the position, so all processes agree and a resumed run continues the stream."""
-    n, span = len(rows), range(start, start + count)
-    order = {e: random.Random(seed_of(seed, "pass", e)).sample(range(n), n) for e in {p // n for p in span}}
-    return [rows[order[p // n][p % n]] for p in span]
-
-
-def gather(x):
-    """[x of each process] in rank order (any picklable x); [x] in one process."""
-    out = [x] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(out, x)
-    return out
-
-
 # ---------------------------------------------------------------- rollout and evaluation
 @torch.no_grad()
 def greedy(model, tokenizer, rows, max_new_tokens, args):
@@ -589,7 +567,7 @@ def main(args):
             "approx_kl", "completion_len", "skipped_steps", "time/generate_s", "time/train_s"]
     for step in tqdm(range(start, args.total_steps), desc="grpo", disable=rank > 0 or not sys.stderr.isatty()):
         # 1. sample G completions per prompt, this process's share of the step's prompts (no tool execution)
-        batch = prompts_at(train, args.seed, step * B + rank * b, b)  # the prompt stream is resumable: by position
+        batch = rows_at(train, args.seed, step * B + rank * b, b)  # the prompt stream is resumable: by position
         torch.manual_seed(seed_of(args.seed, "sample", step, rank))  # per process; a resumed run draws the same
         t0 = time.time()
         rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in batch], n=G)

@@ -62,12 +62,11 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from algos.model import (FiniteGuard, RunLogger, all_reduce, arg, collate, data_parallel,  # noqa: E402
-                         distributed, generate, load_model, model_error, parse_args, sequence_logprobs,
-                         start_rollouts, sync_gradients)
+                         distributed, file_error, gather, generate, load_model, model_error, parse_args, seed_of,
+                         sequence_logprobs, start_rollouts, sync_gradients)
 from kernels.advantage import group_advantages, policy_loss  # noqa: E402
 
 
@@ -75,8 +74,8 @@ def _positive(v):  # checks on Args fields (algos/model.py arg): value -> error 
     return None if v > 0 else "must be > 0"
 
 
-def _file(how=""):
-    return lambda v: None if not v or Path(v).is_file() else f"no such file: {v}" + (f"; run `{how}`" if how else "")
+def _file(how=""):  # file_error and how to make the file
+    return lambda v: file_error(v) and file_error(v) + (f"; run `{how}`" if how else "")
 
 
 def _resumable(v):
@@ -97,7 +96,7 @@ class Args:
     hhh_file: str = arg("data/generated/hhh_alignment.jsonl", "BIG-bench HHH pairs (data/make_hhh.py; '' = skip)",
                         check=_file("python data/make_hhh.py"))
     rewardbench_file: str = arg("", "optional RewardBench-format JSONL (prompt, chosen, rejected, subset) to score",
-                                check=_file())
+                                check=file_error)
     runs_dir: str = arg("runs", "where run folders go")
     resume: str = arg("", "RUN_DIR: continue that run from its checkpoint (model, optimizer, RNGs, data cursor); "
                           "give the same arguments (a difference is warned about)", check=_resumable)
@@ -286,20 +285,6 @@ def strip_eos(text, tokenizer):
     return text.split(tokenizer.eos_token)[0]
 
 
-def seed_of(*keys):
-    """A seed from keys like (seed, "sample", step, rank): the same in every process and run (resume needs no RNG)."""
-    return random.Random(repr(keys)).getrandbits(63)
-
-
-def gather(x):
-    """[x of each process] in rank order (any picklable x); [x] in one process."""
-    out = [x] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(out, x)
-    return out
-
-
-# ---------------------------------------------------------------- evaluation in both orders
 def pair_scores(verdict_ab, verdict_ba):
     """Scores of one pair judged twice: chosen in slot A (right verdict A), then chosen in slot B (right verdict B).
     consistent: the same response wins in both orders (a missing verdict is not consistent)."""
