@@ -8,18 +8,17 @@ the OTC tool reward: cos(m pi / (2m + c)) for PPO, and for GRPO a reward that pe
 equal n, the fewest calls any correct rollout of that question has needed so far.
 
 Differences from the paper and Search-R1, and why:
-1. Value model: one linear value head on the policy's last hidden state, on a detached trunk by default (paper: a
-   separate critic LLM, own lr): on a 2-core CPU a second 135M trunk doubles every pass, and a value loss into the
-   shared trunk (`--value-grad-to-trunk true`) moves the policy's features at the head's much larger lr. The head is
-   saved as checkpoint/value_head.pt.
+1. Value model: a linear head on the policy's last hidden state, trunk detached by default (paper: a separate critic
+   LLM, own lr): on a 2-core CPU a second 135M trunk doubles every pass, and a value loss into the shared trunk
+   (`--value-grad-to-trunk true`) moves the policy's features at the head's much larger lr. In checkpoint/value_head.pt.
 2. Retrieved passages come back as a `tool` chat turn holding <information> ... </information> (Search-R1 splices
    them into the assistant's text): a chat model sees a real turn structure, and algos/sft.py's masking trains the
    warm start on exactly the token layout the rollouts produce.
 3. Retrieval: BM25 (bm25s) over a small fictional + real-fact corpus in data/ (the paper: E5 over Wikipedia 2018);
    `--retriever http://host:port` uses a Search-R1 retrieval server instead (POST /retrieve).
-4. Data: data/make_otc_qa.py's knowledge-boundary QA with a known optimal call count (0, 1 or 2) per question,
-   instead of NQ + HotpotQA; the warm start (run.sh) imitates an over-searching policy (it searches on about half
-   of the questions it could answer from memory), the behaviour OTC exists to remove.
+4. Data: data/make_otc_qa.py's knowledge-boundary QA with a known optimal call count (0, 1 or 2) per question, not
+   NQ + HotpotQA; the warm start (run.sh) imitates an over-searching policy (it searches on about half of the
+   questions it could answer from memory), the behaviour OTC exists to remove.
 5. Scale: SmolLM2-135M, 8 steps of 8 rollouts on a CPU, lr 5e-5 (paper: 7B, actor lr 1e-6, critic 1e-5).
 6. No correct rollout of a question yet: OTC-GRPO has no n and falls back to the OTC-PPO form (the paper is silent;
    the product with EM is 0 then anyway, only the logged tool reward sees it).
@@ -35,9 +34,12 @@ Usage:
     python algos/otc_ppo.py <the same arguments> --resume runs/otc_ppo__1__<t>   # continues that run exactly
     torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint>   # each process a share of the questions
     python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
-Expected at the defaults (after run.sh's warm start; shared, busy 2-core CPU): 3-5 min per step, ~35 min per arm.
-With --reward em the policy learns to search more (a second search repairs answers copied from the wrong passage);
---reward otc did not cut calls within these 8 steps (TC 2.0 vs 1.83, EM 0.64 vs 0.76; README.md): a smoke budget.
+Resume restores the model, Adam, the value head, OTC-GRPO's call history, the non-finite-step counters and the
+'before' scores; no RNG state: a step's sampling is seeded from (seed, step, process), its questions are a pure
+function of the step (a seeded shuffle per pass over the data). Expected at the defaults (after run.sh's warm start;
+busy 2-core CPU), measured before that data order and the token-sized micro-batches (README.md): 3-5 min per step,
+~35 min per arm; --reward em learns to search more (a second search repairs answers copied from the wrong passage),
+--reward otc did not cut calls within these 8 steps (TC 2.0 vs 1.83, EM 0.64 vs 0.76): a smoke budget.
 """
 import copy
 import json
@@ -73,7 +75,7 @@ def positive(value):
 @dataclass
 class Args:
     exp_name: str = arg("otc_ppo", "run name; the run folder is <runs_dir>/<exp_name>__<seed>__<time>")
-    seed: int = arg(1, "seed for python, numpy and torch (sampling: seed + rank) and the data order")
+    seed: int = arg(1, "seed for python, numpy, torch, each step's sampling (per process) and the data order")
     model: str = arg("smollm2-135m", "smollm2-135m | tiny | hub id | local folder (SFT checkpoint)", check=model_error)
     runs_dir: str = arg("runs", "where run folders go")
     resume: str = arg("", "a run folder: continue it from <run>/checkpoint (same arguments; KL reference: --model)",
@@ -154,10 +156,6 @@ INVALID = "Invalid action. To search, write <search> query </search>. To answer,
 ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 
 
-def build_messages(question):
-    return [{"role": "user", "content": PROMPT.format(question=question)}]
-
-
 def parse_action(text):
     """("search", query) | ("answer", answer) | ("invalid", "") for one assistant turn. Never raises."""
     found = ACTION.search(text or "")
@@ -170,13 +168,19 @@ def format_docs(docs):
     return f"<information>{body or 'No results.'}</information>"
 
 
-def env_wrap(tokenizer):
-    """(before, after): the chat-template text around a tool turn's content, from the end of an assistant turn to
-    the start of the next one, e.g. ChatML '<|im_end|>\\n<|im_start|>tool\\n' and '<|im_end|>\\n<|im_start|>assistant\\n'."""
+def env_turn(tokenizer):
+    """-> add(rollout, content): closes the assistant turn (unless it ended with EOS), then a tool turn holding content
+    and the next assistant header (loss_mask 0), in the chat template's text around a tool turn, e.g. ChatML
+    '<|im_end|>\\n<|im_start|>tool\\n' before the content and '<|im_end|>\\n<|im_start|>assistant\\n' after it."""
     msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "tool", "content": "B"}]
-    text = render_chat(tokenizer, msgs, add_generation_prompt=True)
-    tail = text[text.rindex("A") + 1:]
-    return tail[:tail.rindex("B")], tail[tail.rindex("B") + 1:]
+    text, eos = render_chat(tokenizer, msgs, add_generation_prompt=True), tokenizer.eos_token
+    before, _, after = text[text.rindex("A") + 1:].rpartition("B")
+
+    def add(rollout, content):
+        ended = rollout.token_ids[-1] == tokenizer.eos_token_id and before.startswith(eos)
+        text = before[len(eos):] if ended else before
+        append_tokens(rollout, tokenizer.encode(text + content + after, add_special_tokens=False))
+    return add
 
 
 # ---------------------------------------------------------------- rewards (pure functions)
@@ -199,7 +203,7 @@ def otc_ppo_tool_reward(m: int, c: int) -> float:
 def otc_grpo_tool_reward(m: int, n, c: int) -> float:
     """OTC-GRPO with n = fewest calls of a correct rollout of this question so far (None: none correct yet).
     m = n = 0 -> 1; n = 0 < m -> cos(m pi / (2m + c)); else sin(f pi / (2n)), f = 2nm / (m + n), which is 1 at
-    m = n and smaller on both sides. n None falls back to the OTC-PPO form (docstring, difference 5)."""
+    m = n and smaller on both sides. n None falls back to the OTC-PPO form (docstring, difference 6)."""
     return otc_ppo_tool_reward(m, c) if not n else math.sin((2 * n * m / (m + n)) * math.pi / (2 * n))
 
 
@@ -207,13 +211,12 @@ def otc_rewards(episodes, rows, args, best_calls):
     """Named reward components per rollout. For OTC-GRPO, best_calls (question id -> fewest calls of a correct
     rollout) is updated with this batch of every process first, so n covers this group and every earlier visit, and
     all processes hold the same n."""
-    em = [em_reward(e["answer"], rows[i // args.group_size]["answers"]) for i, e in enumerate(episodes)]
-    found = [(rows[i // args.group_size]["id"], e["calls"]) for i, e in enumerate(episodes) if em[i] == 1.0]
-    for qid, m in sum(gather(found), []):
+    qs = [rows[i // args.group_size] for i in range(len(episodes))]  # each rollout's question
+    em = [em_reward(e["answer"], q["answers"]) for e, q in zip(episodes, qs)]
+    for qid, m in sum(gather([(q["id"], e["calls"]) for e, q, ok in zip(episodes, qs, em) if ok == 1.0]), []):
         best_calls[qid] = min(best_calls.get(qid, m), m)
-    tool = [otc_grpo_tool_reward(e["calls"], best_calls.get(rows[i // args.group_size]["id"]), args.max_calls)
-            if args.estimator == "grpo" else otc_ppo_tool_reward(e["calls"], args.max_calls)
-            for i, e in enumerate(episodes)]
+    tool = [otc_grpo_tool_reward(e["calls"], best_calls.get(q["id"]), args.max_calls) if args.estimator == "grpo"
+            else otc_ppo_tool_reward(e["calls"], args.max_calls) for e, q in zip(episodes, qs)]
     return [{"em": m, "tool": t, "total": m * t if args.reward == "otc" else m} for m, t in zip(em, tool)]
 
 
@@ -311,22 +314,20 @@ class SearchR1Client:
 
     @staticmethod
     def _doc(hit):
-        doc, score = (hit["document"], hit["score"]) if "document" in hit else (hit, None)
-        title, _, text = doc["contents"].partition("\n")
-        return {"title": title.strip().strip('"'), "text": text.strip(), "score": score}
+        title, _, text = hit.get("document", hit)["contents"].partition("\n")
+        return {"title": title.strip().strip('"'), "text": text.strip(), "score": hit.get("score")}
 
 
-# ---------------------------------------------------------------- data and processes
+# ---------------------------------------------------------------- data
 QA_FIELDS = {"id": str, "question": str, "answers": list, "kind": str, "optimal_calls": int}
 
 
 def load_jsonl(path, fields):
-    """Rows of a JSONL file; a bad line, a missing field or a field of the wrong type stops the run with file,
-    line and field."""
+    """Rows of a JSONL file; a bad line, a missing or wrongly typed field stops the run naming file, line and field."""
     rows = []
     for i, line in enumerate(open(path), 1):
         try:
-            row = json.loads(line)
+            rows.append(row := json.loads(line))
         except ValueError as e:
             raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
         if not isinstance(row, dict):
@@ -336,7 +337,6 @@ def load_jsonl(path, fields):
                 raise ValueError(f"{path}:{i}: missing field {k!r}")
             if not isinstance(row[k], kind) or (kind is list and not all(isinstance(a, str) for a in row[k])):
                 raise ValueError(f"{path}:{i}: field {k!r} is not a {kind.__name__}" + " of strings" * (kind is list))
-        rows.append(row)
     return rows
 
 
@@ -345,9 +345,10 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
     """Multi-turn rollouts, n per question in a row: generate until </search> or </answer>; a search runs and its
     passages come back as a tool turn (loss_mask 0); an invalid turn gets the corrective message; after max_calls
     searches one last turn runs whose search is not executed. Returns (rollouts, episodes: calls, invalid, answer)."""
-    rollouts = start_rollouts(tokenizer, [build_messages(q) for q in questions], n=n)
+    rollouts = start_rollouts(tokenizer, [[{"role": "user", "content": PROMPT.format(question=q)}] for q in questions],
+                              n=n)
     episodes = [{"calls": 0, "invalid": 0, "answer": None} for _ in rollouts]
-    finished, (before, after) = [False] * len(rollouts), env_wrap(tokenizer)
+    finished, add_turn = [False] * len(rollouts), env_turn(tokenizer)
     for turn in range(args.max_calls + 1):
         for r, f in zip(rollouts, finished):
             r.done = f
@@ -365,11 +366,10 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
             else:
                 episodes[i]["invalid"] += kind == "invalid"
                 finished[i] = last
-                if not last:
-                    _env_turn(tokenizer, r, INVALID, before, after)
+                _ = last or add_turn(r, INVALID)
         for (i, query), docs in zip(searches, retriever.search([q for _, q in searches], args.topk)):
             episodes[i]["calls"] += 1
-            _env_turn(tokenizer, rollouts[i], format_docs(docs), before, after)
+            add_turn(rollouts[i], format_docs(docs))
         if all(finished):
             break
     for r in rollouts:
@@ -377,37 +377,25 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
     return rollouts, episodes
 
 
-def _env_turn(tokenizer, rollout, content, before, after):
-    """Close the assistant turn (unless it ended with EOS) and add a tool turn + the next assistant header."""
-    ended = rollout.token_ids[-1] == tokenizer.eos_token_id and before.startswith(tokenizer.eos_token)
-    text = before[len(tokenizer.eos_token):] if ended else before
-    append_tokens(rollout, tokenizer.encode(text + content + after, add_special_tokens=False))
-
-
-def summarize(episodes, rows, em):
-    """EM, TC (mean calls per question), TP (correct answers / calls; None with no call), overall and per kind."""
-    out = {}
-    for kind in ["all"] + sorted({r["kind"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if kind in ("all", r["kind"])]
-        calls, correct = sum(episodes[i]["calls"] for i in idx), sum(em[i] for i in idx)
-        key = "" if kind == "all" else f"/{kind}"
-        out.update({f"em{key}": correct / len(idx), f"tc{key}": calls / len(idx), f"tp{key}": correct / calls
-                    if calls else None})
-    return out
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, retriever, args, path):
-    """Greedy multi-turn rollouts on the test rows (a share per process) -> EM / TC / TP; predictions in path."""
+    """Greedy multi-turn rollouts on the test rows (a share per process) -> EM, TC (mean calls per question), TP
+    (correct answers / calls; None with no call), overall and per kind; predictions in path."""
     rank, world = distributed()
     share = [r["question"] for r in rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]]
     episodes = sum(gather(run_episodes(model, tokenizer, share, retriever, args, 1, 0.0)[1]), [])
     em = [em_reward(e["answer"], r["answers"]) for e, r in zip(episodes, rows)]
-    with open(path if rank == 0 else os.devnull, "w") as f:
-        for r, e, ok in zip(rows, episodes, em):
-            f.write(json.dumps({"id": r["id"], "kind": r["kind"], "optimal_calls": r["optimal_calls"], "em": ok,
-                                **e}, ensure_ascii=False) + "\n")
-    return summarize(episodes, rows, em)
+    lines = [json.dumps({"id": r["id"], "kind": r["kind"], "optimal_calls": r["optimal_calls"], "em": ok, **e},
+                        ensure_ascii=False) + "\n" for r, e, ok in zip(rows, episodes, em)]
+    _ = rank == 0 and Path(path).write_text("".join(lines))
+    out = {}
+    for kind in ["all"] + sorted({r["kind"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if kind in ("all", r["kind"])]
+        calls, correct = sum(episodes[i]["calls"] for i in idx), sum(em[i] for i in idx)
+        k = "" if kind == "all" else f"/{kind}"
+        out.update({f"em{k}": correct / len(idx), f"tc{k}": calls / len(idx), f"tp{k}": correct / calls
+                    if calls else None})
+    return out
 
 
 def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
@@ -458,13 +446,13 @@ def _logprobs_in_chunks(model, value_head, data, args):
 
 def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, ref_logp=None, old_values=None,
                returns=None, guard=None, seed=0):
-    """ppo_epochs x num_minibatches optimizer steps on this process's rows, each over token-sized micro-batches.
-    Minibatches split one permutation (from `seed`, the same in all processes) of the batch's groups (or rows); losses
-    use each minibatch's global row and token counts, so the gradient summed by sync_gradients is the one-process one.
-    advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO: old_values and returns (N, T) train the value head).
-    ref_logp enters the loss as k3 with kl_mode=loss only. A GRPO row with advantage 0 and no KL or entropy term has
-    zero gradient: skipped (still counted). A non-finite loss or gradient skips the step (guard). -> token-weighted
-    means of the metrics over all processes, mean grad_norm and minibatch policy_loss."""
+    """Step 5 on this process's rows: ppo_epochs x num_minibatches optimizer steps over token-sized micro-batches. A
+    minibatch is a share of a permutation (`seed`: the same in every process) of all processes' groups (or rows);
+    losses are normalised by its global row and token counts, so the gradient summed by sync_gradients is the
+    one-process one. advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO: old_values and returns (N, T)
+    train the value head). ref_logp enters the loss as k3 with kl_mode=loss only. A GRPO row with advantage 0 and no
+    KL or entropy term has zero gradient: skipped (still counted). A non-finite loss or gradient skips the step
+    (guard). -> token-weighted means over all processes, mean grad_norm and minibatch policy_loss, skipped_steps."""
     (rank, world), guard = distributed(), guard or FiniteGuard(args.max_bad_steps)
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens only; prompt, tool turns and padding 0
     assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
@@ -509,7 +497,7 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                 assert "kl" not in metrics or float(metrics["kl"]) >= -1e-6, "k3 KL < 0"
                 sums += torch.tensor([float(metrics[k]) * n_tok for k in keys] + [n_tok])
             sync_gradients(model), sync_gradients(value_head)  # each gradient: its sum over processes
-            params = [p for g in optimizer.param_groups for p in g["params"]]
+            params = [p for g in optimizer.param_groups for p in g["params"]]  # policy and value head
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             mini_loss = all_reduce(mini_loss)
             if guard.ok(mini_loss[0], grad_norm):  # the same decision in every process
@@ -517,7 +505,7 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
             steps.append([float(grad_norm), float(mini_loss[1])])
     sums = all_reduce(sums)
     return {**{k if k != "kl" else "kl_loss": float(s / max(sums[-1], 1e-9)) for k, s in zip(keys, sums)},
-            **dict(zip(["grad_norm", "policy_loss"], np.mean(steps, 0).tolist()))}
+            **dict(zip(["grad_norm", "policy_loss"], np.mean(steps, 0).tolist())), "skipped_steps": guard.skipped}
 
 
 def advantages_and_targets(model, value_head, ref_model, data, rewards, args):
@@ -525,15 +513,14 @@ def advantages_and_targets(model, value_head, ref_model, data, rewards, args):
     ref_logp, rollout-time values (no grad), then PPO's GAE whitened over all processes, or GRPO's group advantages."""
     loss_mask, device = data["loss_mask"], data["loss_mask"].device  # (N, T)
     old_logp, old_values, ref_logp, returns, logs = data["sample_logp"], None, None, None, {}
-    with torch.no_grad():
-        if value_head is not None or args.old_logp == "recompute":
-            recomputed, old_values = _logprobs_in_chunks(model, value_head, data, args)
-            old_logp = recomputed if args.old_logp == "recompute" else old_logp
-        if ref_model is not None:
-            ref_logp = _logprobs_in_chunks(ref_model, None, data, args)[0]
-            delta = (ref_logp - old_logp) * loss_mask
-            kl, tokens = all_reduce(torch.stack([((delta.exp() - delta - 1) * loss_mask).sum(), loss_mask.sum()]))
-            logs["kl"] = float(kl / tokens)
+    if value_head is not None or args.old_logp == "recompute":  # no-grad passes (_logprobs_in_chunks)
+        recomputed, old_values = _logprobs_in_chunks(model, value_head, data, args)
+        old_logp = recomputed if args.old_logp == "recompute" else old_logp
+    if ref_model is not None:
+        ref_logp = _logprobs_in_chunks(ref_model, None, data, args)[0]
+        delta = (ref_logp - old_logp) * loss_mask
+        kl, tokens = all_reduce(torch.stack([((delta.exp() - delta - 1) * loss_mask).sum(), loss_mask.sum()]))
+        logs["kl"] = float(kl / tokens)
     rank, N = distributed()[0], len(loss_mask)
     if args.estimator == "ppo":
         last = (loss_mask * torch.arange(loss_mask.shape[1], device=device)).argmax(1)  # last sampled token
@@ -554,18 +541,15 @@ def advantages_and_targets(model, value_head, ref_model, data, rewards, args):
 def main(args):
     rank, world = distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # sampling
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     B, G, b = args.prompts_per_step, args.group_size, args.prompts_per_step // world  # b: questions per process
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
-    device = next(model.parameters()).device
-    ref_model = None if args.beta == 0 else (load_model(args.model)[0] if args.resume else copy.deepcopy(model))
-    ref_model = ref_model and ref_model.requires_grad_(False)  # the starting model, frozen
-    value_head = torch.nn.Linear(model.config.hidden_size, 1).to(device) if args.estimator == "ppo" else None
-    if value_head is not None:
-        torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
-        if (Path(args.model) / "value_head.pt").exists():  # start the critic with its policy
+    ref_model = None if args.beta == 0 else load_model(args.model)[0] if args.resume else copy.deepcopy(model)
+    value_head = torch.nn.Linear(model.config.hidden_size, 1).to(model.device) if args.estimator == "ppo" else None
+    if value_head is not None:  # the same in every process: zero (V = 0), or the critic saved with --model's policy
+        torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias), data_parallel(value_head)
+        if (Path(args.model) / "value_head.pt").exists():
             value_head.load_state_dict(torch.load(Path(args.model) / "value_head.pt"))
-        data_parallel(value_head)
     data_parallel(model)  # under torchrun: rank 0's weights everywhere, gradients summed by sync_gradients
     train = load_jsonl(args.train_file, QA_FIELDS)
     tests = load_jsonl(args.test_file, QA_FIELDS)[:args.eval_items or None] if args.test_file else []
@@ -597,32 +581,28 @@ def main(args):
         # 1. multi-turn rollouts: G per question of this process's share, searches executed by the retriever
         batch = rows_at(train, args.seed, step * B + rank * b, b)  # the question stream is resumable: by position
         torch.manual_seed(seed_of(args.seed, "sample", step, rank))  # per process; a resumed run draws the same
-        t_gen = time.time()
+        t0 = time.time()
         rollouts, episodes = run_episodes(model, tokenizer, [r["question"] for r in batch], retriever, args, G,
                                           args.temperature)
-        t_gen, t_train = time.time() - t_gen, time.time()
-
+        t_gen = time.time() - t0
         # 2. rewards: EM, the OTC tool reward and their product (or EM alone); those of all processes (rank order)
-        data = collate(rollouts, tokenizer.pad_token_id, device)
+        data = collate(rollouts, tokenizer.pad_token_id, model.device)
         comps = sum(gather([dict(c, calls=e["calls"], invalid=e["invalid"], kind=batch[i // G]["kind"], len=float(n))
                             for i, (c, e, n) in enumerate(zip(otc_rewards(episodes, batch, args, best_calls), episodes,
                                                               data["loss_mask"].sum(1)))]), [])
         rewards = torch.tensor([c["total"] for c in comps])  # (B*G,)
         assert torch.isfinite(rewards).all(), "non-finite reward"
-
         # 3.-4. old_logp, ref_logp, rollout-time values; advantages: GAE (PPO) or group-normalised rewards (GRPO)
         inputs, logs = advantages_and_targets(model, value_head, ref_model, data, rewards, args)
-
         # 5. clipped policy loss (+ clipped value loss) over minibatches
         stats = ppo_update(model, value_head, optimizer, data, args=args, guard=guard,
                            seed=seed_of(args.seed, "minibatches", step), **inputs)
-        t_train = time.time() - t_train
-
+        t_train = time.time() - t0 - t_gen
         # 6. log aggregates over the whole step (all processes)
         mean = {k: float(np.mean([c[k] for c in comps])) for k in ("em", "tool", "calls", "invalid", "len")}
         row = {"reward": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else 0.0,
                "rewards/em/mean": mean["em"], "rewards/tool/mean": mean["tool"], **stats, **logs,
-               "skipped_steps": guard.skipped, "tool_calls": mean["calls"],
+               "tool_calls": mean["calls"],
                **{f"tool_calls/{k}": float(np.mean([c["calls"] for c in comps if c["kind"] == k]))
                   for k in sorted({c["kind"] for c in comps})},
                "invalid_actions": mean["invalid"], "completion_len": mean["len"],
@@ -631,7 +611,7 @@ def main(args):
         if G > 1:
             row["frac_reward_zero_std"] = float((rewards.view(B, G).std(1) < 1e-6).float().mean())
         logger.log(step, row, keys=keys)
-        if step + 1 == args.total_steps and args.save_model or args.save_every and (step + 1) % args.save_every == 0:
+        if args.save_every and (step + 1) % args.save_every == 0 or args.save_model and step + 1 == args.total_steps:
             path = logger.save(step, model, tokenizer, *objects, before=before, best_calls=best_calls,
                                guard=(guard.in_a_row, guard.skipped))
             _ = path and value_head is not None and torch.save(value_head.state_dict(), path / "value_head.pt")
@@ -641,9 +621,8 @@ def main(args):
         if tests and args.total_steps > 0 else {}
     say("after:", json.dumps(after))
     summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
-               "test_questions": len(tests), "train_questions": len(train), "skipped_steps": guard.skipped}
-    if args.save_model and args.total_steps > 0:
-        summary["checkpoint"] = str(logger.dir / "checkpoint")
+               "test_questions": len(tests), "train_questions": len(train), "skipped_steps": guard.skipped,
+               **({"checkpoint": str(logger.dir / "checkpoint")} if args.save_model and args.total_steps > 0 else {})}
     say(json.dumps(logger.finish(summary), indent=1))
     return summary
 
