@@ -65,10 +65,10 @@ from tqdm import tqdm  # noqa: E402
 from algos.model import (FiniteGuard, RunLogger, all_reduce, append_tokens, arg, collate, data_parallel,  # noqa: E402
                          distributed, file_error, gather, generate, load_model, model_error, parse_args, render_chat,
                          rows_at, seed_of, sequence_logprobs, start_rollouts, sync_gradients)
-from kernels.advantage import group_advantages, policy_loss  # noqa: E402
+from kernels.advantage import LOSS_TYPES, group_advantages, policy_loss  # noqa: E402
 
 
-def positive(value):
+def positive(value):  # check= for rates, temperatures and clip ranges: arg's low= bound is inclusive, 0 is no use
     return None if value > 0 else "must be > 0"
 
 
@@ -91,8 +91,7 @@ class Args:
                          check=lambda v: v != "bm25" and not v.startswith("http") and "bm25 or an http:// address")
     retrieval_timeout: float = arg(10.0, "seconds to wait for the retrieval server", check=positive)
     topk: int = arg(3, "passages per search (paper: 3)", low=1)
-    estimator: str = arg("ppo", "ppo (value head + GAE, Search-R1 PPO) | grpo (group-normalised outcome reward)",
-                         choices=["ppo", "grpo"])
+    estimator: str = arg("ppo", "ppo (Search-R1: value head + GAE) | grpo (group-normalised)", choices=["ppo", "grpo"])
     reward: str = arg("otc", "em (Search-R1: exact match only) | otc (EM x OTC tool reward)", choices=["em", "otc"])
     max_calls: int = arg(4, "c: most searches per rollout, then one last turn without search (paper: 4)", low=0)
     total_steps: int = arg(8, "RL steps (rollout + update)", low=0)
@@ -119,12 +118,10 @@ class Args:
     shared_prefix: bool = arg(True, "GRPO: a question's prompt runs once for its G rollouts (exact); PPO never shares")
     clip_low: float = arg(0.2, "PPO clip epsilon below 1", low=0, high=1)
     clip_high: float = arg(0.2, "PPO clip epsilon above 1", low=0)
-    loss_type: str = arg("dapo", "reduction: dapo (token mean over the minibatch, verl) | bnpo | grpo | dr_grpo",
-                         choices=["dapo", "bnpo", "grpo", "dr_grpo"])
+    loss_type: str = arg("dapo", "dapo (token mean over a minibatch, verl) | bnpo | grpo | dr_grpo", choices=LOSS_TYPES)
     adv_scale: str = arg("group", "GRPO advantage scaling (Dr. GRPO: none)", choices=["group", "batch", "none"])
     adv_eps: float = arg(1e-6, "GRPO advantage epsilon (verl: 1e-6)", low=0)
-    old_logp: str = arg("sampler", "old_logp source: sampler log-probs | recompute (no-grad pass)",
-                        choices=["sampler", "recompute"])
+    old_logp: str = arg("sampler", "old_logp: sampler's | recompute (no-grad pass)", choices=["sampler", "recompute"])
     max_grad_norm: float = arg(1.0, "gradient clipping", check=positive)
     eval_before: bool = arg(True, "score the test set before training too")
     eval_items: int = arg(0, "test rows scored (0 = all)", low=0)
@@ -349,9 +346,7 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
                               n=n)
     episodes = [{"calls": 0, "invalid": 0, "answer": None} for _ in rollouts]
     finished, add_turn = [False] * len(rollouts), env_turn(tokenizer)
-    for turn in range(args.max_calls + 1):
-        for r, f in zip(rollouts, finished):
-            r.done = f
+    for turn in range(args.max_calls + 1):  # generate runs the rollouts not done; add_turn (append_tokens) undoes done
         texts = generate(model, tokenizer, rollouts, args.max_turn_tokens, temperature, stop=STOPS,
                          batch_size=args.gen_batch_size)
         searches, last = [], turn == args.max_calls
@@ -372,8 +367,6 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
             add_turn(rollouts[i], format_docs(docs))
         if all(finished):
             break
-    for r in rollouts:
-        r.done = True
     return rollouts, episodes
 
 
@@ -448,11 +441,11 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                returns=None, guard=None, seed=0):
     """Step 5 on this process's rows: ppo_epochs x num_minibatches optimizer steps over token-sized micro-batches. A
     minibatch is a share of a permutation (`seed`: the same in every process) of all processes' groups (or rows);
-    losses are normalised by its global row and token counts, so the gradient summed by sync_gradients is the
-    one-process one. advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO: old_values and returns (N, T)
-    train the value head). ref_logp enters the loss as k3 with kl_mode=loss only. A GRPO row with advantage 0 and no
-    KL or entropy term has zero gradient: skipped (still counted). A non-finite loss or gradient skips the step
-    (guard). -> token-weighted means over all processes, mean grad_norm and minibatch policy_loss, skipped_steps."""
+    losses use its global row and token counts, so the gradient summed by sync_gradients is the one-process one.
+    advantages: (N,) per sequence (GRPO) or (N, T) per token (PPO: old_values, returns (N, T) train the value head).
+    ref_logp: a k3 loss with kl_mode=loss only. A GRPO row with advantage 0 and no KL or entropy term has zero gradient:
+    skipped (still counted). A non-finite loss or gradient skips the step (guard). -> token-weighted means of all
+    processes, mean grad_norm and minibatch policy_loss, skipped_steps."""
     (rank, world), guard = distributed(), guard or FiniteGuard(args.max_bad_steps)
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens only; prompt, tool turns and padding 0
     assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
