@@ -7,6 +7,7 @@ and prompt length limits, minibatches, learning rate, loss) goes through:
 - `now`: algos/grpo_toolrl.py as it is (a prompt runs once for its group, token-sized micro-batches);
 - `now_unshared`: the same with `--shared-prefix false` (what sharing alone buys);
 - `now_ckpt`: the same with activation checkpointing;
+- `now_bf16`: `now` with `--precision bf16` (bf16 autocast sampling and log-prob passes, old_logp recomputed);
 - `trl`: TRL's GRPOTrainer, when `trl` is importable (optional: `pip install --no-deps trl`), with the same model,
   prompts, reward (the ToolRL reward), G, lengths, minibatches and loss: one generation batch of prompts_per_step x
   group_size samples per step (`trl_config`; before 2026-11-29 TRL sampled trl_micro_batch x num_minibatches at once).
@@ -39,7 +40,7 @@ import numpy as np  # noqa: E402
 from algos.model import CACHE, RunLogger, arg, model_error, parse_args  # noqa: E402
 
 
-PATHS = ("before", "now", "now_unshared", "now_ckpt", "trl")
+PATHS = ("before", "now", "now_unshared", "now_ckpt", "now_bf16", "trl")
 
 
 def paths_error(paths):  # check= of --paths: one or more of PATHS, comma-separated
@@ -55,7 +56,7 @@ class Args:
     model: str = arg("smollm2-135m", "model of every path (README: the SFT warm start's checkpoint)", check=model_error)
     train_file: str = arg("data/generated/toolrl_train.jsonl", "ToolRL training prompts (data/make_toolrl_bfcl.py)",
                           check=lambda p: None if Path(p).is_file() else f"no such file: {p}")
-    paths: str = arg("before,now,now_unshared,trl", "comma-separated subset of: " + " | ".join(PATHS),
+    paths: str = arg("before,now,now_unshared,now_bf16,trl", "comma-separated subset of: " + " | ".join(PATHS),
                      check=paths_error)
     steps: int = arg(3, "generation batches (GRPO steps) per path; the first includes warm-up", low=1)
     prompts_per_step: int = arg(4, "prompts per generation batch", low=1)
@@ -223,7 +224,7 @@ def main(args):
             times = step_times(runs[-1]) if runs else []
         else:
             extra = {"now": [], "now_unshared": ["--shared-prefix", "false"],
-                     "now_ckpt": ["--checkpointing", "true"]}[name]
+                     "now_ckpt": ["--checkpointing", "true"], "now_bf16": ["--precision", "bf16"]}[name]
             cmd = grpo_command(args, ROOT / "algos" / "grpo_toolrl.py", f"bench_{name}", out, empty_eval, extra)
             code, wall, peak = run_measured(cmd, ROOT, log)
             runs = sorted(out.glob(f"bench_{name}__*/metrics.jsonl"))

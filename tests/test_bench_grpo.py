@@ -27,16 +27,18 @@ def test_step_times_skip_a_line_cut_short(tmp_path):
 
 
 def test_bench_smoke_tiny(tmp_path):
-    cmd = [sys.executable, "algos/bench_grpo.py", "--model", "tiny", "--steps", "1", "--paths", "now",
+    cmd = [sys.executable, "algos/bench_grpo.py", "--model", "tiny", "--steps", "1", "--paths", "now,now_bf16",
            "--train-file", "data/toolrl_train_sample.jsonl", "--max-prompt-tokens", "1024", "--max-new-tokens", "4",
            "--runs-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     run = sorted(tmp_path.glob("bench_grpo__1__*"))[-1]
-    (result,) = json.loads((run / "summary.json").read_text())["results"]
-    assert result["path"] == "now" and result["exit_code"] == 0 and result["steps"] == 1
-    assert result["sample_s"] > 0 and 0 < result["peak_rss_gb"] < 8
-    assert "| now |" in (run / "table.md").read_text()
+    results = json.loads((run / "summary.json").read_text())["results"]
+    assert [r["path"] for r in results] == ["now", "now_bf16"]
+    for result in results:
+        assert result["exit_code"] == 0 and result["steps"] == 1
+        assert result["sample_s"] > 0 and 0 < result["peak_rss_gb"] < 8
+    assert "| now |" in (run / "table.md").read_text() and "| now_bf16 |" in (run / "table.md").read_text()
 
 
 def test_bad_arguments_stop_at_parse_time(tmp_path):
