@@ -350,18 +350,16 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
         texts = generate(model, tokenizer, rollouts, args.max_turn_tokens, temperature, stop=STOPS,
                          batch_size=args.gen_batch_size)
         searches, last = [], turn == args.max_calls
-        for i, (r, text) in enumerate(zip(rollouts, texts)):
-            if finished[i]:
-                continue
-            kind, content = parse_action(text.split(tokenizer.eos_token)[0])
+        for i in [i for i, f in enumerate(finished) if not f]:
+            kind, content = parse_action(texts[i].split(tokenizer.eos_token)[0])
+            episodes[i]["invalid"] += kind == "invalid"
+            finished[i] = kind == "answer" or last  # after the c-th search a search is not executed
             if kind == "answer":
-                episodes[i]["answer"], finished[i] = content, True
+                episodes[i]["answer"] = content
             elif kind == "search" and not last:
                 searches.append((i, content))
-            else:
-                episodes[i]["invalid"] += kind == "invalid"
-                finished[i] = last
-                _ = last or add_turn(r, INVALID)
+            elif not last:
+                add_turn(rollouts[i], INVALID)
         for (i, query), docs in zip(searches, retriever.search([q for _, q in searches], args.topk)):
             episodes[i]["calls"] += 1
             add_turn(rollouts[i], format_docs(docs))
