@@ -224,3 +224,14 @@ def test_teacher_traces_kept_only_when_verdict_matches(monkeypatch):
     rows = gen.teacher_rows(pairs, "http://teacher/v1", "m", 64, None, seed=0)
     assert [r["id"] for r in rows] == [pairs[0]["id"]]
     assert rows[0]["label"] == "A" and rows[0]["messages"][-1] == {"role": "assistant", "content": TRACE + A}
+
+
+def test_smoke_tiny_bf16(tmp_path):
+    """--precision bf16 (autocast sampling and log-prob passes; old_logp recomputed): the run-time invariants hold."""
+    cmd = [sys.executable, "algos/rmr1_distill_rl.py", "--model", "tiny", "--precision", "bf16", "--total-steps", "2",
+           "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "8", "--eval-file", "", "--hhh-file", "",
+           "--runs-dir", str(tmp_path), "--exp-name", "smoke_bf16", "--save-model", "false"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(next(tmp_path.glob("smoke_bf16__1__*")) / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1] and all(r["kl"] >= 0 and r["skipped_steps"] == 0 for r in rows)
