@@ -15,10 +15,10 @@ Differences from the paper and the released code:
    be a JSON object with a string "name" and an object "parameters", else R_correct = min (the code fails only when it
    touches a missing field). Schedules (two-stage, dynamic) use this run's `total_steps` (code: 150, clamped).
 4. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0: k3 KL to a frozen
-   reference. No entropy bonus (code: 0.001). old_logp: the sampler's in fp32, recomputed (verl's extra pass) with
-   `--precision bf16` (bf16 autocast sampling and log-prob passes), whose cached decode and full forward round apart
-   (SmolLM2-135M: mean |d logp| 0.03, first-minibatch approx_kl 1.2e-3). The first minibatch must show |ratio - 1| <
-   1e-2, approx_kl < 1e-3 (checked; bf16 with `--old-logp sampler`: 5e-2, 1e-2).
+   reference. No entropy bonus (code: 0.001). old_logp: the sampler's; recomputed (verl's extra pass) with `--precision
+   bf16`, where cached decode and full forward round apart (SmolLM2-135M, per micro-batch: |ratio - 1| <= 0.017,
+   approx_kl <= 1.9e-3). The first minibatch must show |ratio - 1| < 1e-2, approx_kl < 1e-3 (checked; bf16 with
+   `--old-logp sampler`: 5e-2, 1e-2).
 5. A prompt runs once for its G samples, in sampling and training (algos/model.py; exact), so minibatches hold whole
    groups (verl shuffles rows) and micro-batches are sized in tokens. `--shared-prefix false`: every row on its own.
 
@@ -28,6 +28,7 @@ Usage:
     python algos/grpo_toolrl.py --model tiny --total-steps 2 --train-file data/toolrl_train_sample.jsonl \\
         --eval-file data/bfcl_eval_sample.jsonl --heldout-file data/toolrl_train_sample.jsonl   # smoke test, seconds
     ... --save-every 10, killed, then the same command + --resume runs/grpo_toolrl__1__<t>   # continues exactly
+    ... --precision bf16   # sampling and log-prob passes under bf16 autocast (GPUs, avx512_bf16 CPUs): faster
     torchrun --nproc_per_node 8 algos/grpo_toolrl.py ...   # each process samples 1/8 of the prompts (whole groups);
         the update equals one process's; BFCL and held-out evaluation sharded. Non-finite steps: see --max-bad-steps
 Expected at the defaults (2-core CPU, after run.sh's SFT warm start): see README.md (measured step times, held-out
@@ -101,8 +102,7 @@ class Args:
                          "weights, optimizer, loss math fp32 (for GPUs, avx512_bf16 CPUs)", choices=("fp32", "bf16"))
     max_grad_norm: float = arg(1.0, "gradient clipping", check=lambda norm: norm <= 0 and "must be > 0")
     matching: str = arg("greedy", "call matching: greedy (code) | optimal (paper)", choices=("greedy", "optimal"))
-    granularity: str = arg("finest", "reward granularity (paper Sec. 5)", choices=("finest", "fine", "intermediate",
-                                                                                   "coarse"))
+    granularity: str = arg("finest", "granularity (paper Sec. 5)", choices=("finest", "fine", "intermediate", "coarse"))
     schedule: str = arg("none", "reward scale schedule (paper Sec. 5)", choices=("none", "dynamic", "two_stage"))
     two_stage_step: int = arg(30, "two_stage: step where correctness range x3 and format range /2 (code: 30)", low=0)
     equal_max: bool = arg(False, "ablation: R_correct in [-1, 1] (equal max with format)")
@@ -231,9 +231,8 @@ def _assign(gt, pred, granularity, matching):
 
     @functools.lru_cache(maxsize=None)
     def best(i, used):  # optimal: exact search over (ground-truth index, bit set of used predictions)
-        return 0.0 if i == len(gt) else max([best(i + 1, used)] + [scores[i][j] + best(i + 1, used | 1 << j)
-                                                                    for j, s in enumerate(scores[i]) if s > 0 and
-                                                                    not used >> j & 1])
+        return 0.0 if i == len(gt) else max([best(i + 1, used)] + [
+            s + best(i + 1, used | 1 << j) for j, s in enumerate(scores[i]) if s > 0 and not used >> j & 1])
     return best(0, 0)
 
 
@@ -283,8 +282,7 @@ def toolrl_reward(completion: str, ground_truth: str, step=0, total_steps=1, mat
 
 
 # ---------------------------------------------------------------- BFCL evaluation (a smaller AST checker)
-PY_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "array": list, "tuple": list,
-            "dict": dict, "any": str}
+PY_TYPES = dict(string=str, integer=int, float=float, boolean=bool, array=list, tuple=list, dict=dict, any=str)
 
 
 def parse_bfcl_calls(completion):
@@ -310,9 +308,8 @@ def _norm(v):
 
 def _dict_ok(value, accepted):
     """A dict argument against one possible dict whose values are lists of acceptable values."""
-    return isinstance(accepted, dict) and all(k in accepted and _norm(v) in [_norm(a) for a in accepted[k]]
-                                              for k, v in value.items()) and \
-        all(k in value or "" in acc for k, acc in accepted.items())
+    return isinstance(accepted, dict) and all(k in value or "" in acc for k, acc in accepted.items()) and all(
+        k in accepted and _norm(v) in [_norm(a) for a in accepted[k]] for k, v in value.items())
 
 
 def value_ok(value, accepted, ptype):
