@@ -184,8 +184,7 @@ def parse_tool_calls(text):
     {"name": str, "parameters": object}. Never raises."""
     if "<tool_call>" not in text or "</tool_call>" not in text:
         return None
-    calls = [json_or_none(line) for line in text.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0].strip()
-             .split("\n")]
+    calls = [json_or_none(x) for x in text.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0].strip().split("\n")]
     ok = all(isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("parameters"), dict)
              for c in calls)
     return calls if ok else None
@@ -549,7 +548,6 @@ def main(args):
     logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
     optimizer, guard = torch.optim.Adam(model.parameters(), lr=args.lr), FiniteGuard(args.max_bad_steps)
     B, G, b = args.prompts_per_step, args.group_size, args.prompts_per_step // world  # b: prompts per process
-
     if args.resume:  # the model came from the checkpoint; now the optimizer, prompt position, guard and 'before'
         saved = json.loads((logger.dir / "args.json").read_text()).items()
         if changed := {k: (v, getattr(args, k)) for k, v in saved if k != "resume" and getattr(args, k) != v}:
@@ -563,7 +561,6 @@ def main(args):
         before, heldout_before = evaluate(model, tokenizer, evals, heldout, args, logger.dir / (
             "predictions.jsonl" if args.total_steps == 0 else "predictions_before.jsonl"))
         say("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
-
     keys = ["reward", "rewards/format/mean", "rewards/correctness/mean", "frac_reward_zero_std", "clipfrac",
             "approx_kl", "completion_len", "skipped_steps", "time/generate_s", "time/train_s"]
     for step in tqdm(range(start, args.total_steps), desc="grpo", disable=rank > 0 or not sys.stderr.isatty()):
