@@ -411,6 +411,14 @@ def save_checkpoint(model, tokenizer, path, state=None):
     return path
 
 
+def _step(line):
+    """The step of a metrics.jsonl line; a line that a kill cut short counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class RunLogger:
     """runs/<exp_name>__<seed>__<unix time>/ with args.json, metrics.jsonl (one dict per step), summary.json and the
     resumable checkpoint/; resume=RUN_DIR continues that folder. In a torchrun job only rank 0 writes and prints."""
@@ -454,8 +462,7 @@ class RunLogger:
             torch.cuda.set_rng_state_all(state["rng"][3])
         if self.main and (self.dir / "metrics.jsonl").exists():
             rows = (self.dir / "metrics.jsonl").read_text().splitlines()
-            (self.dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= state[
-                "step"]))
+            (self.dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if _step(r) <= state["step"]))
         return {"step": state["step"], **state["extra"]}
 
     def finish(self, summary):

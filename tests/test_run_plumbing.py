@@ -88,6 +88,8 @@ def test_save_restore_roundtrip(tmp_path):
     logger = RunLogger("t", 1, Args(), root=tmp_path)
     for step in (1, 2, 3):
         logger.log(step, {"loss": float(step)})
+    with open(logger.dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # the line a kill cut short
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     logger.save(2, model, tokenizer, optimizer, order=[3, 1, 2], history={"q1": 2})
     expected = (random.random(), np.random.rand(), torch.rand(3))
