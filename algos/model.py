@@ -425,6 +425,7 @@ class RunLogger:
 
     def __init__(self, exp_name, seed, args, root="runs", resume=""):
         self.start, self.main = time.time(), not dist.is_initialized() or dist.get_rank() == 0
+        self.commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
         self.dir = Path(resume or Path(root) / f"{exp_name}__{seed}__{int(self.start)}")
         old = sorted(self.dir.glob("checkpoint.old*"))  # killed between save_checkpoint's two renames: take it back
         if resume and self.main and old and not (self.dir / "checkpoint").exists():
@@ -466,8 +467,8 @@ class RunLogger:
         return {"step": state["step"], **state["extra"]}
 
     def finish(self, summary):
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-        summary = {**summary, "wall_time_s": round(time.time() - self.start, 2), "git_commit": commit.strip() or None}
+        summary = {**summary, "wall_time_s": round(time.time() - self.start, 2),
+                   "git_commit": self.commit.strip() or None}  # the code's commit when the run started
         if self.main:
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
