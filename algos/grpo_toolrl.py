@@ -31,6 +31,8 @@ Usage:
     ... --precision bf16   # sampling and log-prob passes under bf16 autocast (GPUs, avx512_bf16 CPUs): faster
     torchrun --nproc_per_node 8 algos/grpo_toolrl.py ...   # each process samples 1/8 of the prompts (whole groups);
         the update equals one process's; BFCL and held-out evaluation sharded. Non-finite steps: see --max-bad-steps
+    torchrun --nproc_per_node 8 algos/grpo_toolrl.py --fsdp true ...   # FSDP2: weights, grads, Adam sharded between
+        steps (algos/model.py); the KL reference (--beta > 0) stays whole in each process
 Expected at the defaults (2-core CPU, after run.sh's SFT warm start): see README.md (measured step times, held-out
 reward before/after with its interval, BFCL); the warm start is what brings the tag format.
 """
@@ -120,6 +122,7 @@ class Args:
                       check=lambda run: run and not Path(run, "checkpoint", "trainer_state.pt").is_file() and
                       f"no resumable checkpoint in {run}")
     max_bad_steps: int = arg(3, "stop after N optimizer steps in a row with a non-finite loss or gradient", low=1)
+    fsdp: bool = arg(False, "under torchrun: shard the policy with FSDP2 instead of DDP (same update; no --resume)")
     runs_dir: str = arg("runs", "folder that receives the run folder")
 
     def __post_init__(self):  # rules joining several fields, on the values main will use (auto resolved)
@@ -530,7 +533,7 @@ def main(args):
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
     device = next(model.parameters()).device
     ref_model = None if args.beta == 0 else load_model(args.model)[0] if args.resume else copy.deepcopy(model)
-    data_parallel(model)  # under torchrun: rank 0's weights everywhere, gradients summed by sync_gradients
+    data_parallel(model, shard=args.fsdp)  # torchrun: DDP or FSDP2 (--fsdp); gradients summed by sync_gradients
     train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
     heldout = [r for r in load_jsonl(args.heldout_file, ["id", "tools", "dialogue", "ground_truth"])
                if fits(tokenizer, r, args.eval_max_prompt_tokens)] if args.heldout_file else []

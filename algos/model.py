@@ -12,6 +12,13 @@
   resumable checkpoint), `save_checkpoint`, `FiniteGuard` (skips non-finite steps): the plumbing every script shares.
 - torchrun: `distributed`, `data_parallel`/`sync_gradients` (DDP sums gradients once per optimizer step),
   `all_reduce`, `gather`, `seed_of`/`rows_at` (seeds and data order that every process, and a resumed run, agree on).
+- `--fsdp` (`data_parallel(model, shard=True)`): FSDP2 `fully_shard` per decoder layer, then the rest (tied embeddings
+  and LM head in one unit), ZeRO-2 style: the optimizer state and reduced gradients stay sharded (1/N per process);
+  the weights are sharded from `sync_gradients` until the next model call (`_gathered`, at the top of generate and
+  sequence_logprobs), which all-gathers each unit once; they stay gathered (reshard_after_forward=False, no gradient
+  sync while accumulating) until the step's one synced backward (one token, loss * 0) reduce-scatters the summed
+  gradients. So micro-batch counts and forward paths may differ per process, as under DDP; the price: full weights and
+  gradients during a step. `save_checkpoint` gathers the full weights to rank 0 (every process calls it); no --resume.
 """
 import argparse
 import atexit
@@ -31,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -74,6 +83,8 @@ def parse_args(cls, argv=None):
                  if high is not None and not v <= high else check and check(v))
         if error:
             parser.error(f"argument --{f.name.replace('_', '-')}: {error} (got {v!r})")
+    if values.get("fsdp") and ("WORLD_SIZE" not in os.environ or values.get("resume")):  # see data_parallel
+        parser.error("argument --fsdp: needs torchrun, and cannot --resume (its optimizer state is not saved whole)")
     try:
         return cls(**values)
     except ValueError as e:
@@ -193,6 +204,7 @@ def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(
     """Sample up to max_new_tokens for every rollout not done -> the new text of each. Rows that begin alike (n copies,
     later turns too) prefill that prefix once (share_prefix; same distribution). A rollout stops at EOS (kept, loss_mask
     1), at a stop string in its new text, or at the length limit. temperature=0: greedy (log-probs at temperature 1)."""
+    _gathered(model)  # before any early return: every process makes the same collectives
     todo, step = [r for r in rollouts if not r.done], batch_size or max(len(rollouts), 1)
     if not todo or len(todo) < len(rollouts) or len(todo) > step:  # only rollouts not done, a batch at a time
         texts = iter([t for s in range(0, len(todo), step) for t in generate(
@@ -269,6 +281,18 @@ def _pad(rows, pad_id, device):
             torch.tensor([[1] * len(r) + f for r, f in zip(rows, fill)], dtype=torch.long, device=device))
 
 
+def _gathered(model):
+    """Under FSDP: every unit all-gathered (no-op when it is), from inside a call of the root module (FSDP initialises
+    from the root): our code then calls base_model and the head on plain tensors, and the collectives are the same
+    in every process whatever its batch. Call it where a process may have no rows too."""
+    if isinstance(model, FSDPModule) and "forward" not in vars(model):
+        model.forward = lambda: [m.unshard() for m in model.modules() if isinstance(m, FSDPModule)]
+        try:
+            model()
+        finally:
+            del model.forward
+
+
 def _shared_forward(model, seqs, group, shared, device):
     """Each group's prefix once (G, S), then each row's own tokens (B, W) after its prefix's keys/values, copied per row
     -> prefix states (G, S, H) or None, own (B, W), their states, mask (B, S + W), cache layers, (group, shared)."""
@@ -299,6 +323,7 @@ def sequence_logprobs(model, input_ids, attention_mask, temperature=1.0, return_
     """(B, T) fp32, differentiable: position t holds log p(token t | tokens < t) (0 at t = 0), through the fused LM-head
     kernel (no [B*T, V] logits). return_entropy: also (B, T) entropies. share_prefix: shared_prefix_logprobs when rows
     share prefixes (>= 10% of tokens). checkpointing: per decoder layer (less memory, a second forward pass)."""
+    _gathered(model)
     layers, n = list(model.base_model.layers) if checkpointing else [], attention_mask.sum(1)
     for layer in layers:  # each decoder layer keeps only its inputs and recomputes the rest in backward
         layer.forward = lambda *a, f=layer.forward, **k: checkpoint(f, *a, use_reentrant=False, **k)
@@ -319,6 +344,7 @@ def sequence_logprobs(model, input_ids, attention_mask, temperature=1.0, return_
 def shared_prefix_logprobs(model, input_ids, attention_mask, temperature=1.0, return_entropy=False):
     """sequence_logprobs for right-padded rows that share prefixes (prefix_groups): each prefix runs once, its keys and
     values serve all its rows, and autograd adds their gradients: the same log-probs and gradients, up to rounding."""
+    _gathered(model)
     device, T, lengths = input_ids.device, input_ids.shape[1], attention_mask.sum(1)
     seqs = [r[:n] for r, n in zip(input_ids.tolist(), lengths.tolist())]
     group, shared = prefix_groups(seqs)
@@ -397,11 +423,16 @@ class ChatClient:
 # ---------------------------------------------------------------- checkpoints and run folders
 def save_checkpoint(model, tokenizer, path, state=None):
     """A checkpoint plain `from_pretrained` (and `load_model(path)`) reloads, with `state` as trainer_state.pt. Written
-    to a temporary folder, then renamed into place: an interrupted save leaves the last checkpoint whole."""
+    to a temporary folder, then renamed into place: an interrupted save leaves the last checkpoint whole. Under FSDP
+    every process calls it (the full weights gather to rank 0, which writes)."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+        if isinstance(model, FSDPModule) else None
+    if dist.is_initialized() and dist.get_rank() > 0 and full is not None:
+        return None
     path = Path(path)
     tmp, old = (path.with_name(f"{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=full), tokenizer.save_pretrained(tmp)
     if state is not None:
         torch.save(state, tmp / "trainer_state.pt")
     if path.exists():
@@ -450,7 +481,8 @@ class RunLogger:
         (optimizer, scheduler, value head...), the RNG states and `extra` (data order, per-question state...)."""
         rng = [random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all()]
         state = {"step": step, "objects": [o.state_dict() for o in objects], "extra": extra, "rng": rng}
-        return save_checkpoint(model, tokenizer, self.dir / "checkpoint", state) if self.main else None
+        return save_checkpoint(model, tokenizer, self.dir / "checkpoint", state) \
+            if self.main or isinstance(model, FSDPModule) else None
 
     def restore(self, *objects):
         """Resume from <run>/checkpoint (load the model from it first): objects' states in place, RNG states, and
@@ -515,15 +547,22 @@ class _Touch(torch.nn.Module):
         return sum(p.sum() for p in self.module.parameters() if p.requires_grad) * 0.0
 
 
-_PARALLEL = {}  # id(module) -> its DistributedDataParallel wrapper
+_PARALLEL = {}  # id(module) -> its DistributedDataParallel wrapper, or the module itself under FSDP
 
 
-def data_parallel(module):
+def data_parallel(module, shard=False):
     """Under torchrun: DistributedDataParallel over `module` (rank 0's parameters go to all). sync_gradients(module),
     once per optimizer step after the micro-batches' backward passes (their number may differ per process), makes
     each gradient its sum over processes in DDP's bucketed all-reduce. Losses are normalised by global counts
-    (all_reduce), so the sum is the one-process gradient. No-op in one process."""
-    if dist.is_initialized() and id(module) not in _PARALLEL:
+    (all_reduce), so the sum is the one-process gradient. shard: FSDP2 instead (a causal LM: see the module docstring;
+    make the optimizer after this). No-op in one process."""
+    if dist.is_initialized() and id(module) not in _PARALLEL and shard:
+        for unit in [*module.base_model.layers, module]:  # the root last: the rest (tied embeddings/head, norm)
+            fully_shard(unit, reshard_after_forward=False)
+            unit.set_gradient_divide_factor(1.0), unit.set_force_sum_reduction_for_comms(True)  # a sum, not a mean
+        module.set_requires_gradient_sync(False), module.set_reshard_after_backward(False)  # until sync_gradients
+        _PARALLEL[id(module)] = module
+    elif dist.is_initialized() and id(module) not in _PARALLEL:
         ddp = DistributedDataParallel(_Touch(module), forward_sync_buffers=False)
         ddp.register_comm_hook(None, lambda state, bucket: dist.all_reduce(  # a sum, where DDP's default is a mean
             bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0]))
@@ -532,7 +571,11 @@ def data_parallel(module):
 
 
 def sync_gradients(module):
-    if id(module) in _PARALLEL:
+    if isinstance(module, FSDPModule):  # one synced backward: reduce-scatter of the accumulated gradients, then reshard
+        module.set_requires_gradient_sync(True), module.set_reshard_after_backward(True)
+        (module(input_ids=torch.zeros(1, 1, dtype=torch.long, device=module.device)).logits.sum() * 0.0).backward()
+        module.set_requires_gradient_sync(False), module.set_reshard_after_backward(False)
+    elif id(module) in _PARALLEL:
         _PARALLEL[id(module)]().backward()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from algos.grpo_toolrl import Args, grpo_update
 from algos.model import FiniteGuard, collate, generate, load_model, parse_args, start_rollouts
@@ -58,6 +59,7 @@ def test_bad_arguments_exit_2_before_loading_a_model(argv, message, tmp_path):
     (["--shared-prefix", "false", "--prompts-per-step", "3", "--group-size", "3", "--num-minibatches", "2"],
      "--num-minibatches 2 must divide the 9 rows"),
     (["--num-minibatches", "3"], "--num-minibatches 3 must divide the"),  # against the auto prompts_per_step
+    (["--fsdp", "true"], "argument --fsdp: needs torchrun"),  # (pytest runs outside torchrun)
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -168,7 +170,7 @@ DRIVER = """
 import sys, copy, torch
 sys.path.insert(0, {root!r})
 from algos.grpo_toolrl import Args, grpo_update
-from algos.model import collate, data_parallel, distributed, generate, load_model, start_rollouts
+from algos.model import collate, data_parallel, distributed, generate, load_model, save_checkpoint, start_rollouts
 rank, world = distributed()
 rows = slice(0, 12) if world == 1 else slice(6 * rank, 6 * rank + 6)  # whole groups of 3 per process
 advantages = torch.tensor([0.0] * 3 + [1.2, -0.8, -0.4] + [0.3, 0.0, -0.3] + [0.9, -1.1, 0.2])[rows]
@@ -179,27 +181,34 @@ for loss_type, beta in [("grpo", 0.0), ("bnpo", 0.0), ("dr_grpo", 0.0), ("dapo",
     rollouts = start_rollouts(tok, ["Hi", "Tell me a story", "2 + 2 =", "Name a colour"], n=3)
     generate(model, tok, rollouts, 5, 1.0)
     ref = copy.deepcopy(model) if beta else None
-    data_parallel(model)
+    data_parallel(model, shard={fsdp})
     args = Args(group_size=3, prompts_per_step=4, num_minibatches=2, micro_batch_tokens=40, max_new_tokens=5,
                 loss_type=loss_type, beta=beta, max_grad_norm=1e9)
     stats = grpo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), collate(rollouts[rows], tok.pad_token_id),
                         advantages, args, ref, seed=7)
-    out[(loss_type, beta)] = ([p.detach() for p in model.parameters()], stats)
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]  # FSDP: shards
+    out[(loss_type, beta)] = (params, stats)
+save_checkpoint(model, tok, {out!r}.format(world=world, rank="ckpt"))  # under FSDP: every process calls it
 torch.save(out, {out!r}.format(world=world, rank=rank))
 """
 
 
-def test_two_processes_make_the_one_process_update(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_processes_make_the_one_process_update(tmp_path, fsdp):
     """Each process holds two of the four groups; minibatches (2, drawn from all groups) may give a process 0, 1 or 2
-    of them. Parameters after the update (SGD, lr 1: the gradient itself) and the metrics match one process."""
+    of them. Parameters after the update (SGD, lr 1: the gradient itself) and the metrics match one process, under
+    DDP and under FSDP (--fsdp), whose checkpoint (gathered to rank 0) reloads with plain from_pretrained."""
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(root=str(ROOT), out=str(tmp_path / "w{world}_r{rank}.pt")))
+    driver.write_text(DRIVER.format(root=str(ROOT), out=str(tmp_path / "w{world}_r{rank}.pt"), fsdp=fsdp))
     one = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=300, env=ENV)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(driver)], capture_output=True, text=True, timeout=300, env=ENV)
     assert two.returncode == 0, two.stderr[-3000:]
     gold = torch.load(tmp_path / "w1_r0.pt")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "w2_rckpt.pt")  # the last update (grpo, beta 0.04)
+    for p, p1 in zip(saved.parameters(), gold[("grpo", 0.04)][0]):
+        torch.testing.assert_close(p, p1, rtol=1e-4, atol=1e-6)
     start, _ = load_model("tiny", device="cpu")
     for rank in (0, 1):
         for key, (params, stats) in torch.load(tmp_path / f"w2_r{rank}.pt").items():
@@ -210,9 +219,11 @@ def test_two_processes_make_the_one_process_update(tmp_path):
             torch.testing.assert_close(stats, gold[key][1], rtol=1e-5, atol=1e-7)
 
 
-def test_torchrun_smoke(tmp_path):
+@pytest.mark.parametrize("fsdp", ["false", "true"])
+def test_torchrun_smoke(tmp_path, fsdp):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "algos/grpo_toolrl.py"] + command(tmp_path, "ddp", "--total-steps", "2", "--save-every", "1")[2:]
+           "algos/grpo_toolrl.py"] + command(tmp_path, "ddp", "--total-steps", "2", "--save-every", "1",
+                                              "--fsdp", fsdp)[2:]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     run = next(tmp_path.glob("ddp__1__*"))
