@@ -31,6 +31,7 @@ Usage (from the repository root):
     python algos/sft.py --save-every 10                   # resumable checkpoint every 10 steps; after a crash:
     python algos/sft.py --save-every 10 --resume runs/sft__1__<time>   # continues in that folder, same numbers
     torchrun --nproc_per_node 2 algos/sft.py --model tiny # data parallel: each process --batch-size rows a step
+    torchrun --nproc_per_node 2 algos/sft.py --model tiny --fsdp true   # FSDP2: weights, grads, AdamW sharded
 Non-finite steps are skipped and counted (skipped_steps); --max-bad-steps 3 in a row stop the run.
 Expected at the defaults (SmolLM2-135M, 2-core CPU): held-out loss falls several-fold and the tool decision on
 unseen questions goes from the base model's "never call a tool" to mostly right; README.md has the measured figures.
@@ -59,8 +60,8 @@ from datasets import load_dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from algos.model import (FiniteGuard, RunLogger, Rollout, all_reduce, arg, collate, data_parallel,  # noqa: E402
-                         distributed, encode_chat, generate, load_model, model_error, parse_args, sequence_logprobs,
-                         start_rollouts, sync_gradients)
+                         distributed, encode_chat, gathered, generate, load_model, model_error, parse_args,
+                         sequence_logprobs, start_rollouts, sync_gradients)
 
 
 def _data_file(spec, optional=False):
@@ -118,6 +119,7 @@ class Args:
                       check=_resumable)
     max_bad_steps: int = arg(3, "stop after this many optimiser steps in a row with a non-finite loss or gradient "
                                 "(each is skipped and counted as skipped_steps)", low=1)
+    fsdp: bool = arg(False, "under torchrun: shard the model with FSDP2 instead of DDP (same update; no --resume)")
     output_dir: str = arg("runs", "where run folders go")
 
     def __post_init__(self):  # rules joining several fields
@@ -460,7 +462,7 @@ def main(args):
     if args.resume:
         warn_changed_args(args.resume, args)
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model, device)
-    data_parallel(model)  # torchrun: rank 0's parameters to all processes; gradients summed in sync_gradients
+    data_parallel(model, shard=args.fsdp)  # torchrun: DDP or FSDP2 (--fsdp); gradients summed in sync_gradients
     pad = tokenizer.pad_token_id
     train = tokenize(tokenizer, train_rows, args.max_len)
     held = tokenize(tokenizer, eval_rows[:args.eval_rows or None], args.max_len)
@@ -485,6 +487,7 @@ def main(args):
     else:
         if held:
             state["summary"]["eval_loss_start"] = heldout_loss(model, held, pad, args.batch_size, device, rank, world)
+        gathered(model)  # FSDP: every process joins the all-gather; then rank 0 alone may sample
         if probe and logger.main:
             start, texts = decision_accuracy(model, tokenizer, probe, args.decision_tokens)
             state["summary"].update({f"{k}_start": v for k, v in start.items()})
@@ -523,6 +526,7 @@ def main(args):
     if held:
         summary["eval_loss_end"] = metrics.get("eval_loss") or heldout_loss(model, held, pad, args.batch_size,
                                                                               device, rank, world)
+    gathered(model)
     if probe and logger.main:
         end, texts = decision_accuracy(model, tokenizer, probe, args.decision_tokens)
         summary.update({f"{k}_end": v for k, v in end.items()})
