@@ -572,10 +572,12 @@ def data_parallel(module, shard=False):
 
 
 def sync_gradients(module):
-    if isinstance(module, FSDPModule):  # one synced backward: reduce-scatter of the accumulated gradients, then reshard
-        module.set_requires_gradient_sync(True), module.set_reshard_after_backward(True)
+    if isinstance(module, FSDPModule):  # one synced backward (one token, loss * 0) reduce-scatters the summed grads
+        module.set_requires_gradient_sync(True)
         (module(input_ids=torch.zeros(1, 1, dtype=torch.long, device=module.device)).logits.sum() * 0.0).backward()
-        module.set_requires_gradient_sync(False), module.set_reshard_after_backward(False)
+        module.set_requires_gradient_sync(False)
+        for unit in [m for m in module.modules() if isinstance(m, FSDPModule)]:  # reshard after the backward, not in
+            unit.reshard()  # it: FSDP's backward prefetch follows this process's own forwards (would all-gather)
     elif id(module) in _PARALLEL:
         _PARALLEL[id(module)]().backward()
 

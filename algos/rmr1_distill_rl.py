@@ -42,6 +42,8 @@ Usage:
     torchrun --nproc_per_node 2 algos/rmr1_distill_rl.py --model <ckpt>   # data parallel: each process samples and
         # trains whole groups of its prompts_per_step / 2 pairs (the update equals one process's); each judges every
         # 2nd evaluation pair (sharded; rank 0 writes); --max-bad-steps K: stop after K non-finite steps in a row
+    torchrun --nproc_per_node 2 algos/rmr1_distill_rl.py --model <ckpt> --fsdp true   # FSDP2: weights, grads, Adam
+        # sharded between steps (algos/model.py); the KL reference (--beta > 0) stays whole in each process
 Expected at the defaults (2-core CPU): the shipped model never writes a verdict (accuracy 0); 12 distillation steps
 bring the format (one well-formed verdict in ~all judgements) but a judge that always says [[A]]: 50% accuracy in
 both orders, 0% position consistency, on the synthetic and the HHH pairs alike; 2 GRPO steps change no verdict.
@@ -100,6 +102,7 @@ class Args:
     rewardbench_file: str = arg("", "optional RewardBench-format JSONL (prompt, chosen, rejected, subset) to score",
                                 check=file_error)
     runs_dir: str = arg("runs", "where run folders go")
+    fsdp: bool = arg(False, "under torchrun: shard the policy with FSDP2 instead of DDP (same update; no --resume)")
     resume: str = arg("", "RUN_DIR: continue that run from its checkpoint (model, optimizer, RNGs, data cursor); "
                           "give the same arguments (a difference is warned about)", check=_resumable)
     save_every: int = arg(0, "write the resumable <run>/checkpoint every N steps (0: only the final one)", low=0)
@@ -430,7 +433,7 @@ def main(args):
     ref_model = None  # the frozen starting policy, also when resuming
     if args.beta > 0 and args.total_steps > 0:
         ref_model = (load_model(args.model)[0] if args.resume else copy.deepcopy(model)).requires_grad_(False)
-    data_parallel(model)  # under torchrun: rank 0's weights everywhere, gradients summed by sync_gradients
+    data_parallel(model, shard=args.fsdp)  # torchrun: DDP or FSDP2 (--fsdp); gradients summed by sync_gradients
     B, G = args.prompts_per_step, args.group_size
     if args.total_steps > 0 and B % world:
         sys.exit(f"--prompts-per-step {B} must be a multiple of the {world} processes (whole groups per process)")

@@ -36,6 +36,7 @@ BAD_ARGS = [
     (["--model", "no/such/folder"], "--model"),
     (["--train-file", "nowhere.jsonl"], "--train-file"),
     (["--resume", "not_a_run"], "--resume"),
+    (["--fsdp", "true"], "--fsdp"),                                                      # outside torchrun
     (["--prompts-per-step", "3", "--num-minibatches", "2"], "--num-minibatches"),      # cross-field rules
     (["--eval-only", "true", "--eval-file", "", "--hhh-file", ""], "--eval-only"),
 ]
@@ -139,8 +140,9 @@ from kernels.advantage import group_advantages
 rank, world = distributed()
 model, tok = load_model("tiny", device="cpu")
 ref = load_model("tiny", device="cpu")[0].requires_grad_(False)
-data_parallel(model)
-init = copy.deepcopy(model.state_dict())
+fsdp = sys.argv[2] == "fsdp"
+data_parallel(model, shard=fsdp)
+init = copy.deepcopy(model.state_dict())  # FSDP: this process's shards
 torch.manual_seed(0)  # the same global batch in every process: 4 prompts x G = 3
 rollouts = start_rollouts(tok, ["Judge A or B.", "Which is better?", "Pick one:", "Verdict, please"], n=3)
 generate(model, tok, rollouts, 7, 1.0)
@@ -158,27 +160,28 @@ for name, kw in [("grpo_kl", dict(beta=0.01)), ("dapo_recompute", dict(loss_type
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     stats = grpo_update(model, opt, {k: v[rows] for k, v in data.items()}, adv[rows], args,
                         ref if args.beta > 0 else None, seed=5)
-    torch.save({"params": [p.detach().clone() for p in model.parameters()], "stats": stats},
-               f"{sys.argv[1]}/{name}_{world}_{rank}.pt")
+    params = [p.full_tensor() if fsdp else p.detach().clone() for p in model.parameters()]
+    torch.save({"params": params, "stats": stats}, f"{sys.argv[1]}/{name}_{world}{sys.argv[2]}_{rank}.pt")
 """
 
 
 def test_two_processes_update_equals_one_process(tmp_path):
+    """Under DDP and under FSDP (--fsdp), both against the same one-process run."""
     (tmp_path / "driver.py").write_text(DRIVER)
-    procs = [subprocess.Popen(cmd + [str(tmp_path / "driver.py"), str(tmp_path)], cwd=ROOT, env=ENV,
+    procs = [subprocess.Popen(cmd + [str(tmp_path / "driver.py"), str(tmp_path), parallel], cwd=ROOT, env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in ([sys.executable], TORCHRUN)]
+             for cmd, parallel in [([sys.executable], "ddp"), (TORCHRUN, "ddp"), (TORCHRUN, "fsdp")]]
     for p in procs:
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0, out[-3000:]
     for name in ["grpo_kl", "dapo_recompute", "bnpo_rows", "dr_grpo_batch"]:
-        one = torch.load(tmp_path / f"{name}_1_0.pt")
+        one = torch.load(tmp_path / f"{name}_1ddp_0.pt")
         init = load_model("tiny", device="cpu")[0]
         assert any((a - b).abs().max() > 1e-4 for a, b in zip(one["params"], init.parameters())), name  # it moved
-        for rank in (0, 1):
-            two = torch.load(tmp_path / f"{name}_2_{rank}.pt")
-            torch.testing.assert_close(two["params"], one["params"], rtol=1e-5, atol=1e-6, msg=name)
-            torch.testing.assert_close(two["stats"], one["stats"], rtol=1e-5, atol=1e-6, msg=name)
+        for parallel, rank in [("ddp", 0), ("ddp", 1), ("fsdp", 0), ("fsdp", 1)]:
+            two = torch.load(tmp_path / f"{name}_2{parallel}_{rank}.pt")
+            torch.testing.assert_close(two["params"], one["params"], rtol=1e-5, atol=1e-6, msg=name + parallel)
+            torch.testing.assert_close(two["stats"], one["stats"], rtol=1e-5, atol=1e-6, msg=name + parallel)
 
 
 def test_torchrun_smoke_tiny(tmp_path):
