@@ -28,7 +28,7 @@ Usage:
     python algos/grpo_toolrl.py --model tiny --total-steps 2 --train-file data/toolrl_train_sample.jsonl \\
         --eval-file data/bfcl_eval_sample.jsonl --heldout-file data/toolrl_train_sample.jsonl   # smoke test, seconds
     ... --save-every 10, killed, then the same command + --resume runs/grpo_toolrl__1__<t>   # continues exactly
-    ... --precision bf16   # sampling and log-prob passes under bf16 autocast (GPUs, avx512_bf16 CPUs): faster
+    ... --precision bf16   # sampling, evaluation, log-prob passes under bf16 autocast (GPUs, avx512_bf16 CPUs)
     torchrun --nproc_per_node 8 algos/grpo_toolrl.py ...   # each process samples 1/8 of the prompts (whole groups);
         the update equals one process's; BFCL and held-out evaluation sharded. Non-finite steps: see --max-bad-steps
     torchrun --nproc_per_node 8 algos/grpo_toolrl.py --fsdp true ...   # FSDP2: weights, grads, Adam sharded between
@@ -100,8 +100,8 @@ class Args:
                          check=lambda eps: eps <= 0 and "must be > 0")
     old_logp: str = arg("auto", "old_logp source: sampler log-probs | recompute (extra no-grad pass, as verl) | auto: "
                         "sampler in fp32, recompute in bf16", choices=("auto", "sampler", "recompute"))
-    precision: str = arg("fp32", "bf16: sampling and the log-prob passes (old, ref, policy) under bf16 autocast; "
-                         "weights, optimizer, loss math fp32 (for GPUs, avx512_bf16 CPUs)", choices=("fp32", "bf16"))
+    precision: str = arg("fp32", "bf16: sampling, greedy evaluation and the log-prob passes (old, ref, policy) under "
+                         "bf16 autocast; weights, optimizer, loss fp32 (GPUs, bf16 CPUs)", choices=["fp32", "bf16"])
     max_grad_norm: float = arg(1.0, "gradient clipping", check=lambda norm: norm <= 0 and "must be > 0")
     matching: str = arg("greedy", "call matching: greedy (code) | optimal (paper)", choices=("greedy", "optimal"))
     granularity: str = arg("finest", "granularity (paper Sec. 5)", choices=("finest", "fine", "intermediate", "coarse"))
@@ -404,8 +404,9 @@ def greedy(model, tokenizer, rows, max_new_tokens, args):
     """Greedy completions (EOS cut) of records, in order; under torchrun each process completes every world-th one."""
     rank, world = distributed()
     rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in rows[rank::world]])
-    texts = gather([strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, max_new_tokens, 0.0,
-                                                              batch_size=args.gen_batch_size)])
+    with torch.autocast(model.device.type, torch.bfloat16, enabled=args.precision == "bf16"):  # before = after
+        texts = gather([strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, max_new_tokens, 0.0,
+                                                                  batch_size=args.gen_batch_size)])
     return [texts[i % world][i // world] for i in range(len(rows))]
 
 
@@ -572,7 +573,7 @@ def main(args):
         torch.manual_seed(seed_of(args.seed, "sample", step, rank))  # per process; a resumed run draws the same
         t0 = time.time()
         rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in batch], n=G)
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):  # (evaluation: fp32)
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             texts = [strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, args.max_new_tokens,
                      args.temperature, batch_size=args.gen_batch_size, share_prefix=args.shared_prefix)]
         t_gen = time.time() - t0
