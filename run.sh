@@ -30,21 +30,21 @@ exp_sft() {
 }
 
 exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh grpo_toolrl --total-steps 40
-  # CPU: bf16 autocast for sampling and the log-prob passes (~1.6x per step on avx512_bf16 CPUs; evaluation stays
-  # fp32), and BFCL on 20 items per category (100 of the 1240 non-live items); GPU: the script's defaults, all of BFCL
-  local grpo_size=(--total-steps 20 --lr 5e-5 --max-prompt-tokens 512 --eval-max-prompt-tokens 1024
-                   --precision bf16) bfcl=(--eval-per-category 20) ckpt
-  [ "$GPU" = 1 ] && grpo_size=() bfcl=()
+  # CPU: sampling, log-prob passes and greedy evaluation under bf16 autocast (1.5-1.6x per GRPO step on this
+  # avx512_bf16 CPU), BFCL on 20 items per category (100 of the 1240 non-live items); GPU: the defaults, all of BFCL
+  local grpo_size=(--total-steps 20 --lr 5e-5 --max-prompt-tokens 512 --eval-max-prompt-tokens 1024) ckpt
+  local eval=(--precision bf16 --eval-per-category 20)
+  [ "$GPU" = 1 ] && grpo_size=() eval=()
   # 1. ToolRL records from the BFCL data inside the installed bfcl-eval package (seconds; kept in data/generated/)
   [ -s data/generated/toolrl_dev.jsonl ] || "$PY" data/make_toolrl_bfcl.py --out-dir data/generated
   # 2. BFCL accuracy of the embedded model as it ships
-  "$PY" algos/grpo_toolrl.py --eval-only true --exp-name toolrl_base --heldout-file "" "${bfcl[@]}"
+  "$PY" algos/grpo_toolrl.py --eval-only true --exp-name toolrl_base --heldout-file "" "${eval[@]}"
   # 3. SFT warm start on the live split: cold, a 135M model never writes the tag format, so every sample of a group
   #    scores the same and GRPO gets no signal (the paper also reports SFT then GRPO)
   ckpt=$(toolrl_warm_start)
   # 4. GRPO with the ToolRL reward from the warm start: greedy ToolRL reward on the held-out live prompts (dev split,
   #    the 67 that fit 1024 tokens) before and after with a paired bootstrap interval, and BFCL before and after
-  "$PY" algos/grpo_toolrl.py --model "$ckpt" "${grpo_size[@]}" "${bfcl[@]}" "$@"
+  "$PY" algos/grpo_toolrl.py --model "$ckpt" "${grpo_size[@]}" "${eval[@]}" "$@"
 }
 
 toolrl_warm_start() {  # prints the checkpoint of a fresh SFT warm start (8 steps of 4 rows on CPU)
