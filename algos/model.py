@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -580,6 +581,19 @@ def sync_gradients(module):
             unit.reshard()  # it: FSDP's backward prefetch follows this process's own forwards (would all-gather)
     elif id(module) in _PARALLEL:
         _PARALLEL[id(module)]().backward()
+
+
+def clip_grad_norm(params, max_norm):
+    """torch's clip_grad_norm_ -> the norm; also over FSDP's sharded (DTensor) gradients and plain ones together
+    (otc_ppo's value head under DDP), which torch refuses to mix: one global norm of both kinds scales both."""
+    kinds = [[p for p in params if p.grad is not None and isinstance(p.grad, DTensor) == d] for d in (True, False)]
+    if not all(kinds):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    sharded, plain = (torch.nn.utils.get_total_norm([p.grad for p in k]) for k in kinds)
+    norm = torch.stack([sharded.full_tensor(), plain]).norm()
+    for k in kinds:
+        torch.nn.utils.clip_grads_with_norm_(k, max_norm, norm)
+    return norm
 
 
 def gather(x):

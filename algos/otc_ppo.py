@@ -33,6 +33,8 @@ Usage:
     python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo --save-every 1   # then, if killed:
     python algos/otc_ppo.py <the same arguments> --resume runs/otc_ppo__1__<t>   # continues that run exactly
     torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint>   # each process a share of the questions
+    torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint> --fsdp true   # FSDP2 policy (model.py);
+        # the value head (one Linear) stays replicated under DDP, the KL reference whole in each process
     python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
 Resume restores the model, Adam, the value head, OTC-GRPO's call history, the non-finite-step counters and the
 'before' scores; no RNG state: a step's sampling is seeded from (seed, step, process), its questions are a pure
@@ -62,9 +64,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from algos.model import (FiniteGuard, RunLogger, all_reduce, append_tokens, arg, collate, data_parallel,  # noqa: E402
-                         distributed, file_error, gather, generate, load_model, model_error, parse_args, render_chat,
-                         rows_at, seed_of, sequence_logprobs, start_rollouts, sync_gradients)
+from algos.model import (FiniteGuard, RunLogger, all_reduce, append_tokens, arg, clip_grad_norm, collate,  # noqa: E402
+                         data_parallel, distributed, file_error, gather, generate, load_model, model_error,
+                         parse_args, render_chat, rows_at, seed_of, sequence_logprobs, start_rollouts, sync_gradients)
 from kernels.advantage import LOSS_TYPES, group_advantages, policy_loss  # noqa: E402
 
 
@@ -82,6 +84,7 @@ class Args:
                       check=lambda r: r and not Path(r, "checkpoint/trainer_state.pt").is_file() and "no checkpoint")
     save_every: int = arg(0, "save the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
     max_bad_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss/gradient", low=1)
+    fsdp: bool = arg(False, "under torchrun: shard the policy with FSDP2 instead of DDP (same update; no --resume)")
     train_file: str = arg("data/otc_train.jsonl", "QA rows for RL (data/make_otc_qa.py)",
                           check=lambda p: file_error(p or "''"))
     test_file: str = arg("data/otc_test.jsonl", "held-out QA rows for EM / TC / TP; '' = none", check=file_error)
@@ -489,7 +492,7 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
                 sums += torch.tensor([float(metrics[k]) * n_tok for k in keys] + [n_tok])
             sync_gradients(model), sync_gradients(value_head)  # each gradient: its sum over processes
             params = [p for g in optimizer.param_groups for p in g["params"]]  # policy and value head
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            grad_norm = clip_grad_norm(params, args.max_grad_norm)  # (torch's, or FSDP's shards with the head)
             mini_loss = all_reduce(mini_loss)
             if guard.ok(mini_loss[0], grad_norm):  # the same decision in every process
                 optimizer.step()
@@ -541,7 +544,7 @@ def main(args):
         torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias), data_parallel(value_head)
         if (Path(args.model) / "value_head.pt").exists():
             value_head.load_state_dict(torch.load(Path(args.model) / "value_head.pt"))
-    data_parallel(model)  # under torchrun: rank 0's weights everywhere, gradients summed by sync_gradients
+    data_parallel(model, shard=args.fsdp)  # torchrun: DDP or FSDP2 (--fsdp); gradients summed by sync_gradients
     train = load_jsonl(args.train_file, QA_FIELDS)
     tests = load_jsonl(args.test_file, QA_FIELDS)[:args.eval_items or None] if args.test_file else []
     retriever = SearchR1Client(args.retriever, args.retrieval_timeout) if args.retriever.startswith("http") else \

@@ -54,6 +54,7 @@ def test_bad_arguments_exit_2_before_loading_a_model(flags, message):
     (["--estimator", "grpo", "--kl-mode", "reward"], "and --kl-mode loss"),
     (["--num-minibatches", "3"], "--num-minibatches 3 must divide a step's groups (GRPO) or rows"),
     (["--micro-batch-tokens", "-5"], "--micro-batch-tokens: must be >= 0"),
+    (["--fsdp", "true"], "--fsdp: needs torchrun"),  # (pytest runs outside torchrun)
 ])
 def test_bad_arguments_name_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -140,9 +141,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 
 # ---------------------------------------------------------------- 4. torchrun: 2 processes = 1
-def one_update(out):
-    """One update of each estimator on a fixed batch of 4 questions x 2 rollouts, this process's whole groups;
-    then two rounds of OTC-GRPO rewards whose call history must be merged over processes."""
+def one_update(out, parallel="ddp"):
+    """One update of each estimator on a fixed batch of 4 questions x 2 rollouts, this process's whole groups (the
+    policy under DDP or FSDP); then two rounds of OTC-GRPO rewards whose call history must be merged over processes."""
     rank, world = distributed()
     model, tok = load_model("tiny", device="cpu")
     rollouts, share = fixed_batch(model, tok), slice(rank * 8 // world, (rank + 1) * 8 // world)
@@ -156,12 +157,14 @@ def one_update(out):
         if head is not None:
             torch.nn.init.constant_(head.weight, 0.01), torch.nn.init.zeros_(head.bias)
             data_parallel(head)
-        data_parallel(policy)
+        data_parallel(policy, shard=parallel == "fsdp")
         opt = torch.optim.SGD(list(policy.parameters()) + ([] if head is None else list(head.parameters())), lr=0.5)
         inputs, logs = advantages_and_targets(policy, head, ref, data, rewards, args)
         stats = ppo_update(policy, head, opt, data, args=args, **inputs)
         modules = [policy] + ([head] if head is not None else [])
-        result[estimator] = {"params": [p.detach().clone() for m in modules for p in m.parameters()],
+        params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()  # FSDP: shards
+                  for m in modules for p in m.parameters()]
+        result[estimator] = {"params": params,
                              "advantages": sum(gather(inputs["advantages"].reshape(4 // world * 2, -1).sum(1).tolist()),
                                                []), "stats": stats, "logs": logs}
     rows = [{"id": f"q{i}", "answers": ["Paris"]} for i in range(4)]
@@ -172,18 +175,21 @@ def one_update(out):
         eps = [{"calls": calls[q][j], "answer": "Paris" if (q + j) % 3 else "Rome"} for q in mine for j in range(2)]
         totals.append(sum(gather([c["total"] for c in otc_rewards(eps, [rows[q] for q in mine], args, best)]), []))
     result["otc"] = {"best": best, "totals": totals}
-    torch.save(result, Path(out) / f"result{world}_{rank}.pt")
+    torch.save(result, Path(out) / f"result{world}{parallel}_{rank}.pt")
 
 
 def test_two_processes_equal_one(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-           str(tmp_path)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=ENV)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    """Under DDP and under FSDP (--fsdp; the value head stays under DDP), both against one process."""
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               __file__, str(tmp_path), parallel], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=ENV) for parallel in ("ddp", "fsdp")]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out[-3000:]
     one_update(tmp_path)  # this process alone: the whole batch
-    one = torch.load(tmp_path / "result1_0.pt")
-    for rank in (0, 1):
-        two = torch.load(tmp_path / f"result2_{rank}.pt")
+    one = torch.load(tmp_path / "result1ddp_0.pt")
+    for parallel, rank in [("ddp", 0), ("ddp", 1), ("fsdp", 0), ("fsdp", 1)]:
+        two = torch.load(tmp_path / f"result2{parallel}_{rank}.pt")
         for estimator in ("ppo", "grpo"):
             a, b = one[estimator], two[estimator]
             torch.testing.assert_close(torch.tensor(b["advantages"]), torch.tensor(a["advantages"]))
@@ -197,9 +203,10 @@ def test_two_processes_equal_one(tmp_path):
     assert any(moved)
 
 
-def test_torchrun_smoke_tiny(tmp_path):
+@pytest.mark.parametrize("fsdp", ["false", "true"])
+def test_torchrun_smoke_tiny(tmp_path, fsdp):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "algos/otc_ppo.py",
-           "--model", "tiny", "--estimator", "grpo", "--total-steps", "2", "--prompts-per-step", "2",
+           "--fsdp", fsdp, "--model", "tiny", "--estimator", "grpo", "--total-steps", "2", "--prompts-per-step", "2",
            "--group-size", "2", "--num-minibatches", "1", "--max-turn-tokens", "6", "--max-calls", "1",
            "--eval-items", "3", "--runs-dir", str(tmp_path), "--exp-name", "ddp"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=ENV)
@@ -212,4 +219,4 @@ def test_torchrun_smoke_tiny(tmp_path):
 
 
 if __name__ == "__main__":
-    one_update(sys.argv[1])
+    one_update(sys.argv[1], sys.argv[2])
