@@ -19,7 +19,8 @@
   sync while accumulating) until the step's one synced backward (one token, loss * 0) reduce-scatters the summed
   gradients. So micro-batch counts and forward paths may differ per process, as under DDP; the price: full weights and
   gradients during a step. `save_checkpoint` gathers the full weights to rank 0 (every process calls it); no --resume.
-  The gradient norm of the shards rounds apart from torch's fp32 norm of whole tensors (CPU: ~1e-5 relative).
+  Every process must load the same weights (each keeps its shard). The gradient norm of the shards rounds apart from
+  torch's fp32 norm of whole tensors (CPU: ~1e-5 relative); `clip_grad_norm` also clips them mixed with plain ones.
 """
 import argparse
 import atexit
@@ -586,6 +587,7 @@ def sync_gradients(module):
 def clip_grad_norm(params, max_norm):
     """torch's clip_grad_norm_ -> the norm; also over FSDP's sharded (DTensor) gradients and plain ones together
     (otc_ppo's value head under DDP), which torch refuses to mix: one global norm of both kinds scales both."""
+    params = list(params)
     kinds = [[p for p in params if p.grad is not None and isinstance(p.grad, DTensor) == d] for d in (True, False)]
     if not all(kinds):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)

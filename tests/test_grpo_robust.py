@@ -188,7 +188,8 @@ for loss_type, beta in [("grpo", 0.0), ("bnpo", 0.0), ("dr_grpo", 0.0), ("dapo",
                         advantages, args, ref, seed=7)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]  # FSDP: shards
     out[(loss_type, beta)] = (params, stats)
-save_checkpoint(model, tok, {out!r}.format(world=world, rank="ckpt"))  # under FSDP: every process calls it
+if rank == 0 or {fsdp}:  # under FSDP every process calls it (the weights gather to rank 0)
+    save_checkpoint(model, tok, {out!r}.format(world=world, rank="ckpt"))
 torch.save(out, {out!r}.format(world=world, rank=rank))
 """
 
