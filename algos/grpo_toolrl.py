@@ -5,36 +5,26 @@ code (`verl/utils/reward_score/rlla.py` of github.com/qiancheng0/ToolRL). One as
 executed: the turn is scored against the reference turn. R = R_format [0, 1] + R_correct [-3, 3].
 
 Differences from the paper and the released code:
-1. Data: the BFCL "live" categories (data/make_toolrl_bfcl.py) instead of ToolACE/Hammer/xLAM. Evaluation: the greedy
-   ToolRL reward on held-out live prompts (dev split; paired bootstrap interval) and BFCL's non-live categories with
-   our own smaller AST checker (`bfcl_check`; simplifications listed there).
-2. Model and scale: SmolLM2-135M-Instruct; on a CPU 6 steps x 4 prompts x 4 samples, 80 new tokens, prompts <= 320
-   tokens (GPU: 100 steps x 64 x 4, 512 tokens); paper: 1.5B-7B models, 512 x 4, ~105 steps, 1024 tokens. Cold, a
-   135M model almost never writes the tag format (no signal), so run.sh first gives it a short SFT warm start.
+1. Data: BFCL's "live" categories (data/make_toolrl_bfcl.py), not ToolACE/Hammer/xLAM. Evaluation: greedy ToolRL reward
+   on held-out live prompts (paired bootstrap interval), BFCL's non-live ones by our smaller AST checker (`bfcl_check`).
+2. Scale: SmolLM2-135M-Instruct at the auto sizes of Args (paper: 1.5B-7B models, 512 prompts x 4, ~105 steps, 1024
+   tokens). A cold 135M model almost never writes the tags (no signal): run.sh first gives it a short SFT warm start.
 3. Format: every tag of the pattern exactly once, <think> included (the code does not count <think> tags). A call must
    be a JSON object with a string "name" and an object "parameters", else R_correct = min (the code fails only when it
    touches a missing field). Schedules (two-stage, dynamic) use this run's `total_steps` (code: 150, clamped).
 4. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0: k3 KL to a frozen
    reference. No entropy bonus (code: 0.001). old_logp: the sampler's; recomputed (verl's extra pass) with `--precision
    bf16`, where cached decode and full forward round apart (SmolLM2-135M, per micro-batch: |ratio - 1| <= 0.017,
-   approx_kl <= 1.9e-3). The first minibatch must show |ratio - 1| < 1e-2, approx_kl < 1e-3 (checked; bf16 with
-   `--old-logp sampler`: 5e-2, 1e-2).
+   approx_kl <= 1.9e-3). Checked: first minibatch |ratio - 1| < 1e-2, approx_kl < 1e-3 (bf16 sampler: 5e-2, 1e-2).
 5. A prompt runs once for its G samples, in sampling and training (algos/model.py; exact), so minibatches hold whole
    groups (verl shuffles rows) and micro-batches are sized in tokens. `--shared-prefix false`: every row on its own.
 
 Usage:
-    python data/make_toolrl_bfcl.py --out-dir data/generated
-    python algos/grpo_toolrl.py --model runs/toolrl_sft__1__<t>/checkpoint   # see run.sh for the warm start
+    bash run.sh grpo_toolrl   # data if missing, BFCL as shipped, SFT warm start, GRPO from it, evaluation before/after
     python algos/grpo_toolrl.py --model tiny --total-steps 2 --train-file data/toolrl_train_sample.jsonl \\
         --eval-file data/bfcl_eval_sample.jsonl --heldout-file data/toolrl_train_sample.jsonl   # smoke test, seconds
-    ... --save-every 10, killed, then the same command + --resume runs/grpo_toolrl__1__<t>   # continues exactly
-    ... --precision bf16   # sampling, evaluation, log-prob passes under bf16 autocast (GPUs, avx512_bf16 CPUs)
-    torchrun --nproc_per_node 8 algos/grpo_toolrl.py ...   # each process samples 1/8 of the prompts (whole groups);
-        the update equals one process's; BFCL and held-out evaluation sharded. Non-finite steps: see --max-bad-steps
-    torchrun --nproc_per_node 8 algos/grpo_toolrl.py --fsdp true ...   # FSDP2: weights, grads, Adam sharded between
-        steps (algos/model.py); the KL reference (--beta > 0) stays whole in each process
-Expected at the defaults (2-core CPU, after run.sh's SFT warm start): see README.md (measured step times, held-out
-reward before/after with its interval, BFCL); the warm start is what brings the tag format.
+    torchrun --nproc_per_node 8 algos/grpo_toolrl.py ... [--fsdp true]   # 1/8 of the groups each: README.md, torchrun
+Expected at the defaults (2-core CPU, after run.sh's SFT warm start): README.md (step times, held-out reward, BFCL).
 """
 import copy
 import functools
@@ -57,10 +47,9 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from algos.model import (FiniteGuard, RunLogger, all_reduce, arg, collate, data_parallel, distributed,  # noqa: E402
-                         file_error, gather, generate, load_model, model_error, parse_args, render_chat, rows_at,
-                         seed_of, sequence_logprobs, start_rollouts, sync_gradients)
+                         file_error, gather, generate, load_model, model_error, parse_args, rows_at, seed_of,
+                         sequence_logprobs, start_rollouts, sync_gradients)
 from kernels.advantage import LOSS_TYPES, group_advantages, policy_loss  # noqa: E402
-
 
 GEN = "data/generated/"  # data/make_toolrl_bfcl.py writes here
 
@@ -160,8 +149,7 @@ Put one call per line. If no tool fits, make no call and write <response> your r
 
 
 def build_messages(tools, dialogue):
-    """Chat messages for one record: our system prompt with the tools, then the dialogue (a dataset system message
-    is appended to ours, so the model sees one system turn)."""
+    """Chat messages for one record: our system prompt with the tools (and any dataset system message), the dialogue."""
     extra = "".join("\n\n" + m["content"] for m in dialogue if m["role"] == "system")
     tool_lines = "\n".join(json.dumps({k: t[k] for k in ("name", "description", "parameters") if k in t},
                                       ensure_ascii=False) for t in tools)
@@ -182,9 +170,8 @@ def json_or_none(line):
 
 
 def parse_tool_calls(text):
-    """Calls of the <tool_call> block as the released code reads them (text after the first <tool_call>, up to the
-    next </tool_call>, one JSON object per line) -> list of dicts, or None when tags are missing or any line is not
-    {"name": str, "parameters": object}. Never raises."""
+    """Calls of the first <tool_call> block as the released code reads them (one JSON object per line) -> list of dicts;
+    None when a tag is missing or a line is not {"name": str, "parameters": object}. Never raises."""
     if "<tool_call>" not in text or "</tool_call>" not in text:
         return None
     calls = [json_or_none(x) for x in text.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0].strip().split("\n")]
@@ -240,9 +227,8 @@ def _assign(gt, pred, granularity, matching):
 
 def correctness_reward(completion: str, ground_truth: str, max_reward=3.0, min_reward=-3.0, matching="greedy",
                        granularity="finest") -> float:
-    """R_correct (paper Sec. 3.3): 0 when the ground truth makes no call; min_reward when the prediction has no
-    parseable <tool_call> block; else min + (max - min) * (r_name + sum r_param + sum r_value) / S_max,
-    S_max = 1 + |G| + sum_g |keys(g)|. Identical call lists score max directly."""
+    """R_correct (paper Sec. 3.3): 0 if the ground truth makes no call, min if no parseable prediction, max if equal
+    calls, else min + (max - min) * (r_name + sum r_param + sum r_value) / S_max, S_max = 1 + |G| + sum_g |keys(g)|."""
     if "<tool_call>" not in ground_truth:
         return 0.0
     gt, pred = parse_tool_calls(ground_truth), parse_tool_calls(completion.strip())
@@ -349,11 +335,10 @@ def check_call(call, answer, tools):
 
 
 def bfcl_check(calls, possible_answer, tools, category):
-    """(correct, error) for one BFCL item. irrelevance: correct iff no call (an unparseable block counts as none, as
-    BFCL's decoder failing). simple/multiple: exactly one call. parallel*: same count, each answer matched greedily
-    to an unused call in any order (as BFCL). Simplifications versus bfcl_eval's ast_checker: Python only, no
-    function-name rewriting, nested item types of arrays not type-checked, the "variable" case reduced to accepting
-    the possible answer's type."""
+    """(correct, error) for one BFCL item. irrelevance: correct iff no call (an unparseable block counts as none: BFCL's
+    decoder fails). simple/multiple: exactly one call. parallel*: same count, each answer matched greedily to an unused
+    call in any order (as BFCL). Simplifications versus bfcl_eval's ast_checker: Python only, no function-name
+    rewriting, nested item types of arrays not type-checked, the "variable" case reduced to the answer's type."""
     if category == "irrelevance":
         return (not calls, None if not calls else f"made {len(calls)} call(s)")
     if calls is None:
@@ -376,7 +361,7 @@ def load_jsonl(path, fields):
     rows = []
     for i, line in enumerate(Path(path).read_text().splitlines(), 1):
         try:
-            row = json.loads(line)
+            rows.append(row := json.loads(line))
         except ValueError as e:
             raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
         if not isinstance(row, dict):
@@ -385,13 +370,11 @@ def load_jsonl(path, fields):
             raise ValueError(f"{path}:{i}: missing field {missing[0]!r}")
         if "<tool_call>" in str(row.get("ground_truth")) and parse_tool_calls(str(row["ground_truth"])) is None:
             raise ValueError(f"{path}:{i}: field 'ground_truth' has an unparseable <tool_call> block")
-        rows.append(row)
     return rows
 
 
-def fits(tokenizer, row, max_tokens):
-    text = render_chat(tokenizer, build_messages(row["tools"], row["dialogue"]), add_generation_prompt=True)
-    return len(tokenizer.encode(text, add_special_tokens=False)) <= max_tokens
+def fits(tokenizer, row, max_tokens):  # the prompt's tokens, as sampling sees them
+    return start_rollouts(tokenizer, [build_messages(row["tools"], row["dialogue"])])[0].prompt_len <= max_tokens
 
 
 def strip_eos(text, tokenizer):
@@ -411,8 +394,7 @@ def greedy(model, tokenizer, rows, max_new_tokens, args):
 
 
 def evaluate(model, tokenizer, items, heldout, args, path):
-    """BFCL accuracy per category and overall (one prediction per line in path) and the greedy ToolRL reward (format
-    + correctness, no schedule) of each held-out prompt -> (metrics, held-out rewards in order)."""
+    """BFCL accuracy per category and overall, greedy held-out rewards -> (metrics, rewards); predictions in path."""
     items, per_cat, preds = sorted(items, key=lambda r: len(json.dumps(r["tools"]))), {}, []  # less padding
     for item, text in zip(items, greedy(model, tokenizer, items, args.eval_max_new_tokens, args)):
         calls = parse_bfcl_calls(text)
@@ -444,8 +426,7 @@ def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
 
 
 def micro_batches(data, rows, args):
-    """Consecutive runs of `rows` with at most args.micro_batch_tokens tokens each (at least one row); with shared
-    prompts a row that follows one of its group costs only its tokens after the prompt."""
+    """Consecutive runs of `rows` of <= args.micro_batch_tokens tokens (or one row); a shared prompt counts once."""
     lengths, prompt = data["attention_mask"].sum(1).tolist(), (data["loss_mask"].cumsum(1) == 0).sum(1).tolist()
     out, used = [], 0
     for r in map(int, rows):
@@ -458,8 +439,7 @@ def micro_batches(data, rows, args):
 
 
 def _logprobs(model, data, mb, args):
-    """(b, width) fp32 log-probs of rows mb, right padding trimmed; their shared prompt runs once (args.shared_prefix);
-    under bf16 autocast with --precision bf16 (the weights stay fp32; the backward runs outside, as autocast wants)."""
+    """(b, width) fp32 log-probs of rows mb, padding trimmed, a shared prompt once, under --precision's autocast."""
     width = int(data["attention_mask"][mb].sum(1).max())
     with torch.autocast(data["input_ids"].device.type, torch.bfloat16, enabled=args.precision == "bf16"):
         return sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
@@ -475,19 +455,17 @@ def _logprobs_in_chunks(model, data, args):
 
 
 def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=None, seed=0):
-    """Steps 4-5 of a GRPO iteration on this process's rows (collated (N, T) tensors, advantages (N,)): old_logp,
-    ref_logp, then ppo_epochs x num_minibatches optimizer steps over token-sized micro-batches. A minibatch is a
-    share of a permutation (`seed`: the same in every process) of all processes' groups (or rows); losses are
-    normalised by its global row and token counts, so the gradient summed by sync_gradients is the one-process one.
-    Without KL (beta = 0) an advantage-0 sequence has zero gradient: skipped (still counted: the same update). A
-    non-finite loss or gradient skips the step (guard). -> metrics (token-weighted over all processes)."""
+    """Steps 4-5 on this process's rows ((N, T) tensors, advantages (N,)): old_logp, ref_logp, then ppo_epochs x
+    num_minibatches optimizer steps over token-sized micro-batches. A minibatch: a share of a permutation (`seed`, the
+    same in every process) of all processes' groups (or rows); losses over its global row and token counts make
+    sync_gradients' sum the one-process gradient. Without KL (beta = 0) advantage-0 rows have no gradient: skipped
+    (still counted). Non-finite steps are skipped (guard). -> metrics (token-weighted, all processes)."""
     (rank, world), guard = distributed(), guard or FiniteGuard(args.max_bad_steps)
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
     assert loss_mask.sum() > 0, "empty loss_mask"
     active = (advantages != 0) | (args.beta > 0)  # (N,)
     recompute = args.old_logp == "recompute" or args.old_logp == "auto" and args.precision == "bf16"
     old_logp = _logprobs_in_chunks(model, data, args) if recompute else data["sample_logp"]
-    # the sampler's bf16 log-probs (cached decode) differ from the trainer's (full forward) by bf16 rounding
     tol = (5e-2, 1e-2) if args.precision == "bf16" and not recompute else (1e-2, 1e-3)  # |ratio - 1|, approx_kl
     ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
     unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
@@ -503,12 +481,11 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=
             mini_loss = 0.0
             for k, mb in enumerate(micro_batches(data, idx[active[idx].cpu()], args)):
                 logp = _logprobs(model, data, mb, args)  # (b, width)
-                width = logp.shape[1]
+                width, n_tok = logp.shape[1], float(loss_mask[mb].sum())
                 loss, metrics = policy_loss(
                     logp, old_logp[mb, :width], advantages[mb], loss_mask[mb, :width], args.clip_low, args.clip_high,
                     None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
-                n_tok = float(loss_mask[mb].sum())
                 (weighted := loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)).backward()
                 mini_loss += weighted.item()
                 if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
@@ -532,7 +509,6 @@ def main(args):
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 prints
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
-    device = next(model.parameters()).device
     ref_model = None if args.beta == 0 else load_model(args.model)[0] if args.resume else copy.deepcopy(model)
     data_parallel(model, shard=args.fsdp)  # torchrun: DDP or FSDP2 (--fsdp); gradients summed by sync_gradients
     train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
@@ -573,7 +549,7 @@ def main(args):
         torch.manual_seed(seed_of(args.seed, "sample", step, rank))  # per process; a resumed run draws the same
         t0 = time.time()
         rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in batch], n=G)
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        with torch.autocast(model.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             texts = [strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, args.max_new_tokens,
                      args.temperature, batch_size=args.gen_batch_size, share_prefix=args.shared_prefix)]
         t_gen = time.time() - t0
@@ -581,14 +557,14 @@ def main(args):
         comps = [toolrl_reward(text, batch[i // G]["ground_truth"], step, args.total_steps, args.matching,
                                args.granularity, args.schedule, args.two_stage_step, args.equal_max,
                                args.length_reward) for i, text in enumerate(texts)]
-        data = collate(rollouts, tokenizer.pad_token_id, device)
+        data = collate(rollouts, tokenizer.pad_token_id, model.device)
         comps = sum(gather([dict(c, len=n, clipped=r.stop_reason == "length", calls=len(parse_bfcl_calls(t) or []))
                             for c, n, r, t in zip(comps, data["loss_mask"].sum(1).tolist(), rollouts, texts)]), [])
         rewards = torch.tensor([c["total"] for c in comps])  # (B*G,)
         assert torch.isfinite(rewards).all(), "non-finite reward"
         # 3. group-normalised advantages (GRPO, DeepSeekMath eq. 3), of the whole batch; this process's rows
         advantages = group_advantages(rewards, G, scale=args.adv_scale, eps=args.adv_eps)  # (B*G,)
-        advantages = advantages[rank * b * G:(rank + 1) * b * G].to(device)
+        advantages = advantages[rank * b * G:(rank + 1) * b * G].to(model.device)
         # 4.-5. old_logp, then several minibatch updates of the clipped surrogate
         stats = grpo_update(model, optimizer, data, advantages, args, ref_model, guard,
                             seed=seed_of(args.seed, "minibatches", step))
@@ -606,7 +582,6 @@ def main(args):
             path = logger.save(step, model, tokenizer, optimizer, before=before, heldout=heldout_before,
                                guard=(guard.in_a_row, guard.skipped))
             say(f"checkpoint after step {step}: {path}", flush=True)
-
     # 7. BFCL accuracy and held-out reward after training (paired bootstrap interval); predictions in predictions.jsonl
     after = {}
     if args.total_steps > 0:
