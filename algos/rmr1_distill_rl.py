@@ -340,8 +340,7 @@ def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
 
 
 def micro_batches(data, rows, args):
-    """Consecutive runs of `rows` with at most args.micro_batch_tokens tokens each (at least one row); with shared
-    prompts a row that follows one of its group costs only its tokens after the prompt."""
+    """Consecutive runs of `rows` of <= args.micro_batch_tokens tokens (or one row); a shared prompt counts once."""
     lengths, prompt = data["attention_mask"].sum(1).tolist(), (data["loss_mask"].cumsum(1) == 0).sum(1).tolist()
     out, used = [], 0
     for r in map(int, rows):
@@ -354,8 +353,7 @@ def micro_batches(data, rows, args):
 
 
 def _logprobs(model, data, mb, args):
-    """(b, width) fp32 log-probs of rows mb, right padding trimmed; their shared prompt runs once (args.shared_prefix);
-    under bf16 autocast with --precision bf16 (the weights stay fp32; the backward runs outside, as autocast wants)."""
+    """(b, width) fp32 log-probs of rows mb, padding trimmed, a shared prompt once, under --precision's autocast."""
     width = int(data["attention_mask"][mb].sum(1).max())
     with torch.autocast(data["input_ids"].device.type, torch.bfloat16, enabled=args.precision == "bf16"):
         return sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
@@ -371,19 +369,17 @@ def _logprobs_in_chunks(model, data, args):
 
 
 def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=None, seed=0):
-    """Steps 4-5 of a GRPO iteration on this process's rows (collated (N, T) tensors, advantages (N,)): old_logp,
-    ref_logp, then ppo_epochs x num_minibatches optimizer steps over token-sized micro-batches. A minibatch is a
-    share of a permutation (`seed`: the same in every process) of all processes' groups (or rows); losses are
-    normalised by its global row and token counts, so the gradient summed by sync_gradients is the one-process one.
-    Without KL (beta = 0) an advantage-0 sequence has zero gradient: skipped (still counted: the same update). A
-    non-finite loss or gradient skips the step (guard). -> metrics (token-weighted over all processes)."""
+    """Steps 4-5 on this process's rows ((N, T) tensors, advantages (N,)): old_logp, ref_logp, then ppo_epochs x
+    num_minibatches optimizer steps over token-sized micro-batches. A minibatch: a share of a permutation (`seed`, the
+    same in every process) of all processes' groups (or rows); losses over its global row and token counts make
+    sync_gradients' sum the one-process gradient. Without KL (beta = 0) advantage-0 rows have no gradient: skipped
+    (still counted). Non-finite steps are skipped (guard). -> metrics (token-weighted, all processes)."""
     (rank, world), guard = distributed(), guard or FiniteGuard(args.max_bad_steps)
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
     assert loss_mask.sum() > 0, "empty loss_mask"
     active = (advantages != 0) | (args.beta > 0)  # (N,)
     recompute = args.old_logp == "recompute" or args.old_logp == "auto" and args.precision == "bf16"
     old_logp = _logprobs_in_chunks(model, data, args) if recompute else data["sample_logp"]
-    # the sampler's bf16 log-probs (cached decode) differ from the trainer's (full forward) by bf16 rounding
     tol = (5e-2, 1e-2) if args.precision == "bf16" and not recompute else (1e-2, 1e-3)  # |ratio - 1|, approx_kl
     ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
     unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
@@ -399,12 +395,11 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=
             mini_loss = 0.0
             for k, mb in enumerate(micro_batches(data, idx[active[idx].cpu()], args)):
                 logp = _logprobs(model, data, mb, args)  # (b, width)
-                width = logp.shape[1]
+                width, n_tok = logp.shape[1], float(loss_mask[mb].sum())
                 loss, metrics = policy_loss(
                     logp, old_logp[mb, :width], advantages[mb], loss_mask[mb, :width], args.clip_low, args.clip_high,
                     None if ref_logp is None else ref_logp[mb, :width], args.beta, args.loss_type,
                     max_completion_len=args.max_new_tokens, num_active_tokens=mini_tokens)
-                n_tok = float(loss_mask[mb].sum())
                 (weighted := loss * micro_weight(args.loss_type, len(mb), mini_rows, n_tok, mini_tokens)).backward()
                 mini_loss += weighted.item()
                 if epoch == 0 and m == 0 and k == 0:  # nothing updated yet: the policy is still the sampler
