@@ -1,47 +1,33 @@
 """OTC: tool-efficient RL (PPO with a value head and GAE, or GRPO) on multi-turn Search-R1-style search rollouts.
 
-Paper: Wang et al. 2025, "Acting Less is Reasoning More! Teaching Model to Act Efficiently" (OTC, arXiv 2504.14870),
-on the Search-R1 recipe (Jin et al. 2025, arXiv 2503.09516). The policy thinks, searches with <search> q </search>,
-reads the passages the environment returns in <information> ... </information> (never trained on: loss_mask 0) and
-answers with <answer> a </answer>. `--reward em` is Search-R1's exact-match reward; `--reward otc` multiplies it by
-the OTC tool reward: cos(m pi / (2m + c)) for PPO, and for GRPO a reward that peaks when the m calls of a rollout
-equal n, the fewest calls any correct rollout of that question has needed so far.
+Paper: Wang et al. 2025, "Acting Less is Reasoning More! Teaching Model to Act Efficiently" (OTC, arXiv 2504.14870), on
+the Search-R1 recipe (Jin et al. 2025, arXiv 2503.09516). The policy thinks, searches with <search> q </search>, reads
+the results in <information> ... </information> (not trained on: loss_mask 0) and answers with <answer> a </answer>.
+`--reward em` is Search-R1's exact match; `--reward otc` multiplies it by the OTC tool reward of a rollout's m calls:
+cos(m pi / (2m + c)) for PPO; for GRPO one peaking at m = n, the question's fewest calls in a correct rollout so far.
 
 Differences from the paper and Search-R1, and why:
 1. Value model: a linear head on the policy's last hidden state, trunk detached by default (paper: a separate critic
    LLM, own lr): on a 2-core CPU a second 135M trunk doubles every pass, and a value loss into the shared trunk
    (`--value-grad-to-trunk true`) moves the policy's features at the head's much larger lr. In checkpoint/value_head.pt.
-2. Retrieved passages come back as a `tool` chat turn holding <information> ... </information> (Search-R1 splices
-   them into the assistant's text): a chat model sees a real turn structure, and algos/sft.py's masking trains the
-   warm start on exactly the token layout the rollouts produce.
-3. Retrieval: BM25 (bm25s) over a small fictional + real-fact corpus in data/ (the paper: E5 over Wikipedia 2018);
-   `--retriever http://host:port` uses a Search-R1 retrieval server instead (POST /retrieve).
-4. Data: data/make_otc_qa.py's knowledge-boundary QA with a known optimal call count (0, 1 or 2) per question, not
-   NQ + HotpotQA; the warm start (run.sh) imitates an over-searching policy (it searches on about half of the
-   questions it could answer from memory), the behaviour OTC exists to remove.
+2. Retrieved passages come back as a `tool` chat turn (Search-R1 splices them into the assistant's text): a real turn
+   structure, and algos/sft.py's masking trains the warm start on exactly the token layout the rollouts produce.
+3. Retrieval: BM25 (bm25s) over a small fictional + real-fact corpus in data/ (the paper: E5 over Wikipedia 2018).
+4. Data: data/make_otc_qa.py's knowledge-boundary QA (not NQ + HotpotQA), a known optimal call count (0, 1 or 2) per
+   question; run.sh's warm start searches on about half of the memory questions: the over-searching OTC removes.
 5. Scale: SmolLM2-135M, 8 steps of 8 rollouts on a CPU, lr 5e-5 (paper: 7B, actor lr 1e-6, critic 1e-5).
-6. No correct rollout of a question yet: OTC-GRPO has no n and falls back to the OTC-PPO form (the paper is silent;
-   the product with EM is 0 then anyway, only the logged tool reward sees it).
-7. KL: 0.001 as in the paper, in the reward (k1 per token, verl's PPO default) for PPO and as a k3 loss for GRPO
-   (`--kl-mode loss` puts PPO's in the loss too). No entropy bonus by default (it needs the full logits).
+6. No correct rollout of a question yet, so no n (paper: silent): OTC-GRPO uses the OTC-PPO form (EM is 0 anyway).
+7. KL 0.001 (paper): k1 per token in PPO's reward (verl's default), a k3 loss for GRPO; no entropy bonus by default.
 8. Calls: only executed searches count; a search written after the c-th one ends the rollout unexecuted.
 9. GRPO runs a question's prompt once for its G rollouts in training (algos/model.py; exact), so minibatches hold
    whole groups; micro-batches are sized in tokens. PPO runs each row alone (the value head reads its hidden states).
 
 Usage:
     bash run.sh otc_ppo      # data if missing (data/make_otc_qa.py), SFT warm start, EM vs OTC arms, EM/TC/TP table
-    python algos/otc_ppo.py --model <sft checkpoint> --reward otc --estimator grpo --save-every 1   # then, if killed:
-    python algos/otc_ppo.py <the same arguments> --resume runs/otc_ppo__1__<t>   # continues that run exactly
-    torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint>   # each process a share of the questions
-    torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint> --fsdp true   # FSDP2 policy (model.py);
-        # the value head (one Linear) stays replicated under DDP, the KL reference whole in each process
+    torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint> [--fsdp true]   # README.md: torchrun, FSDP
     python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
-Resume restores the model, Adam, the value head, OTC-GRPO's call history, the non-finite-step counters and the
-'before' scores; no RNG state: a step's sampling is seeded from (seed, step, process), its questions are a pure
-function of the step (a seeded shuffle per pass over the data). Expected at the defaults (after run.sh's warm start;
-busy 2-core CPU), measured before that data order and the token-sized micro-batches (README.md): 3-5 min per step,
-~35 min per arm; --reward em learns to search more (a second search repairs answers copied from the wrong passage),
---reward otc did not cut calls within these 8 steps (TC 2.0 vs 1.83, EM 0.64 vs 0.76): a smoke budget.
+Expected at the defaults (after run.sh's warm start, busy 2-core CPU): minutes per step; 8 steps are a smoke budget,
+too few for OTC to cut calls. Measured EM / TC / TP, curves and step times: README.md, OTC section.
 """
 import copy
 import json
@@ -201,16 +187,14 @@ def otc_ppo_tool_reward(m: int, c: int) -> float:
 
 
 def otc_grpo_tool_reward(m: int, n, c: int) -> float:
-    """OTC-GRPO with n = fewest calls of a correct rollout of this question so far (None: none correct yet).
-    m = n = 0 -> 1; n = 0 < m -> cos(m pi / (2m + c)); else sin(f pi / (2n)), f = 2nm / (m + n), which is 1 at
-    m = n and smaller on both sides. n None falls back to the OTC-PPO form (docstring, difference 6)."""
+    """OTC-GRPO, n = fewest calls of a correct rollout of this question so far: n = 0 or None (none correct yet,
+    difference 6) -> the OTC-PPO form; else sin(f pi / (2n)), f = 2nm / (m + n): 1 at m = n, smaller on both sides."""
     return otc_ppo_tool_reward(m, c) if not n else math.sin((2 * n * m / (m + n)) * math.pi / (2 * n))
 
 
 def otc_rewards(episodes, rows, args, best_calls):
-    """Named reward components per rollout. For OTC-GRPO, best_calls (question id -> fewest calls of a correct
-    rollout) is updated with this batch of every process first, so n covers this group and every earlier visit, and
-    all processes hold the same n."""
+    """Named reward components per rollout. OTC-GRPO first adds this batch of every process to best_calls (question id
+    -> fewest calls of a correct rollout): n covers this group and earlier visits, the same in all processes."""
     qs = [rows[i // args.group_size] for i in range(len(episodes))]  # each rollout's question
     em = [em_reward(e["answer"], q["answers"]) for e, q in zip(episodes, qs)]
     for qid, m in sum(gather([(q["id"], e["calls"]) for e, q, ok in zip(episodes, qs, em) if ok == 1.0]), []):
@@ -222,9 +206,8 @@ def otc_rewards(episodes, rows, args, best_calls):
 
 # ---------------------------------------------------------------- GAE, whitening, losses (pure functions)
 def gae(rewards, values, mask, gamma=1.0, lam=1.0):
-    """GAE over the sampled tokens only (mask 1): (advantages, returns), both (B, T) and 0 where mask is 0.
-    values[t] is V of the state before token t. A retrieved span between two sampled tokens is part of the
-    environment's transition: the bootstrap of the last token before it is V at the next sampled token."""
+    """GAE over sampled tokens (mask 1) -> (advantages, returns), (B, T), 0 elsewhere; values[t]: V before token t. A
+    retrieved span is the environment's transition: the token before it bootstraps from V at the next sampled one."""
     adv, last_gae = torch.zeros_like(rewards), rewards.new_zeros(len(rewards))
     next_value = last_gae  # 0 after the last token (never changed in place)
     for t in reversed(range(rewards.shape[1])):
@@ -252,8 +235,7 @@ def value_loss(values, old_values, returns, mask, clip):
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over the sampled tokens of all processes: 1 = perfect critic, 0 = no better than a
-    constant; nan when the returns do not vary (as CleanRL)."""
+    """1 - Var(R - V) / Var(R) over all processes' sampled tokens (1: perfect critic, 0: a constant, nan: R flat)."""
     r, d = returns[mask > 0].double(), (returns - values)[mask > 0].double()
     n, s_r, q_r, s_d, q_d = all_reduce(torch.stack([r.new_tensor(r.numel()), r.sum(), r.square().sum(), d.sum(),
                                                     d.square().sum()])).tolist()
@@ -267,8 +249,7 @@ class RetrievalError(RuntimeError):
 
 
 class BM25Retriever:
-    """Local BM25 (bm25s) over passages {"id", "title", "text"}; search(queries, topk) -> per query a list of
-    {"title", "text", "score"}; passages with score 0 (no word in common) are not returned."""
+    """BM25 (bm25s) of passages; search(queries, topk) -> per query [{"title", "text", "score"}] with score > 0."""
 
     def __init__(self, passages):
         import bm25s
@@ -342,9 +323,8 @@ def load_jsonl(path, fields):
 
 # ---------------------------------------------------------------- rollout and evaluation
 def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
-    """Multi-turn rollouts, n per question in a row: generate until </search> or </answer>; a search runs and its
-    passages come back as a tool turn (loss_mask 0); an invalid turn gets the corrective message; after max_calls
-    searches one last turn runs whose search is not executed. Returns (rollouts, episodes: calls, invalid, answer)."""
+    """Multi-turn rollouts, n per question in a row, each turn until </search> or </answer>: a search's passages come
+    back as a tool turn (loss_mask 0), an invalid turn gets INVALID, the last turn's search is not run."""
     rollouts = start_rollouts(tokenizer, [[{"role": "user", "content": PROMPT.format(question=q)}] for q in questions],
                               n=n)
     episodes = [{"calls": 0, "invalid": 0, "answer": None} for _ in rollouts]
@@ -373,8 +353,7 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, retriever, args, path):
-    """Greedy multi-turn rollouts on the test rows (a share per process) -> EM, TC (mean calls per question), TP
-    (correct answers / calls; None with no call), overall and per kind; predictions in path."""
+    """Greedy test rollouts -> EM, TC, TP (None without calls), overall and per kind; predictions in path."""
     rank, world = distributed()
     share = [r["question"] for r in rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]]
     episodes = sum(gather(run_episodes(model, tokenizer, share, retriever, args, 1, 0.0)[1]), [])
@@ -399,8 +378,7 @@ def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
 
 
 def micro_batches(data, rows, args):
-    """Consecutive runs of `rows` with at most args.micro_batch_tokens tokens each (at least one row); with shared
-    prompts a row that follows one of its group costs only its tokens after the prompt."""
+    """Consecutive runs of `rows` of <= args.micro_batch_tokens tokens (or one row); a shared prompt counts once."""
     lengths, prompt = data["attention_mask"].sum(1).tolist(), (data["loss_mask"].cumsum(1) == 0).sum(1).tolist()
     out, used = [], 0
     for r in map(int, rows):
@@ -554,7 +532,6 @@ def main(args):
     optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": args.lr}] + (
         [] if value_head is None else [{"params": value_head.parameters(), "lr": args.critic_lr}]))
     objects, guard = [optimizer] + [value_head] * (value_head is not None), FiniteGuard(args.max_bad_steps)
-
     if args.resume:  # the model came from the checkpoint; now optimizer, value head, call history, guard, 'before'
         saved = json.loads((logger.dir / "args.json").read_text()).items()
         if changed := {k: (v, getattr(args, k)) for k, v in saved if k != "resume" and getattr(args, k, v) != v}:
@@ -568,7 +545,6 @@ def main(args):
         if args.eval_before and tests:
             before = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions_before.jsonl")
             say("before:", json.dumps(before), f"({time.time() - t0:.0f} s)")
-
     keys = ["reward", "rewards/em/mean", "tool_calls", "rewards/tool/mean", "value_loss", "explained_variance", "kl",
             "approx_kl", "clipfrac", "skipped_steps", "time/generate_s", "time/train_s"]
     for step in tqdm(range(start, args.total_steps), desc=args.estimator, disable=rank > 0 or not sys.stderr.isatty()):
@@ -601,15 +577,13 @@ def main(args):
                   for k in sorted({c["kind"] for c in comps})},
                "invalid_actions": mean["invalid"], "completion_len": mean["len"],
                "tokens_per_s": mean["len"] * len(comps) / max(t_gen, 1e-9), "time/generate_s": t_gen,
-               "time/train_s": t_train}
-        if G > 1:
-            row["frac_reward_zero_std"] = float((rewards.view(B, G).std(1) < 1e-6).float().mean())
+               "time/train_s": t_train,
+               **({"frac_reward_zero_std": float((rewards.view(B, G).std(1) < 1e-6).float().mean())} if G > 1 else {})}
         logger.log(step, row, keys=keys)
         if args.save_every and (step + 1) % args.save_every == 0 or args.save_model and step + 1 == args.total_steps:
             path = logger.save(step, model, tokenizer, *objects, before=before, best_calls=best_calls,
                                guard=(guard.in_a_row, guard.skipped))
             _ = path and value_head is not None and torch.save(value_head.state_dict(), path / "value_head.pt")
-
     # 7. EM / TC / TP after training
     after = evaluate(model, tokenizer, tests, retriever, args, logger.dir / "predictions.jsonl") \
         if tests and args.total_steps > 0 else {}
