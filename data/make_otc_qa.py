@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from algos.otc_ppo import BM25Retriever, build_messages, format_docs, normalize_answer  # noqa: E402
+from algos.otc_ppo import PROMPT, BM25Retriever, format_docs, normalize_answer  # noqa: E402
 
 # (question, gold answers, passage title, passage text)
 MEMORY = [
@@ -140,7 +140,8 @@ def h(text):
 def sft_messages(row, retriever):
     """A warm-start trajectory in the rollout format. It over-searches on purpose, as Search-R1-trained models do:
     about half of the memory questions search once; about a third of the 1-hop questions search twice."""
-    q, answer, turns = row["question"], row["answers"][0], []
+    q, answer = row["question"], row["answers"][0]
+    turns = [{"role": "user", "content": PROMPT.format(question=q)}]  # the prompt of otc_ppo's rollouts
 
     def search(query):
         turns.append({"role": "assistant", "content": f"<think> I need to look this up. </think>\n<search> {query} "
@@ -148,7 +149,7 @@ def sft_messages(row, retriever):
         turns.append({"role": "tool", "content": format_docs(retriever.search([query], 3)[0])})
     if row["kind"] == "memory" and h(q) % 2 == 0:
         turns.append({"role": "assistant", "content": f"<think> I know this. </think>\n<answer> {answer} </answer>"})
-        return build_messages(q) + turns
+        return turns
     if row["kind"] == "2hop":
         firm, hop = row["firm"], row["bridge"]
         search(f"{firm} founded by" if "founder" in q else f"{firm} based in")
@@ -159,7 +160,7 @@ def sft_messages(row, retriever):
             search(q.rstrip("?"))
     turns.append({"role": "assistant", "content": f"<think> The information answers it. </think>\n<answer> {answer} "
                                                   f"</answer>"})
-    return build_messages(q) + turns
+    return turns
 
 
 def main():

@@ -263,6 +263,12 @@ def test_committed_data_is_valid_and_splits_are_disjoint():
     assert {r["question"] for r in train + test if r["kind"] == "memory"} <= kept
     sft = [json.loads(line) for line in open(ROOT / "data" / "otc_sft.jsonl")]
     assert all(m["role"] in ("user", "assistant", "tool") for r in sft for m in r["messages"])
+    # the generator still imports and writes a committed warm-start trajectory (rows from otc_sft's first question)
+    sys.path.insert(0, str(ROOT / "data"))
+    import make_otc_qa
+    first = sft[0]["messages"]
+    row = {"question": first[0]["content"].split("Question: ")[-1], "kind": "memory", "answers": ["Paris"]}
+    assert make_otc_qa.sft_messages(row, BM25Retriever(corpus)) == first
 
 
 def test_malformed_rows_name_file_line_field(tmp_path):
