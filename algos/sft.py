@@ -31,7 +31,7 @@ Usage (from the repository root):
     python algos/sft.py --save-every 10                   # resumable checkpoint every 10 steps; after a crash:
     python algos/sft.py --save-every 10 --resume runs/sft__1__<time>   # continues in that folder, same numbers
     torchrun --nproc_per_node 2 algos/sft.py --model tiny # data parallel: each process --batch-size rows a step
-    torchrun --nproc_per_node 2 algos/sft.py --model tiny --fsdp true   # FSDP2: AdamW, grads sharded; weights gathered per step
+    torchrun --nproc_per_node 2 algos/sft.py --model tiny --fsdp true  # FSDP2: AdamW, grads sharded, weights per step
 Non-finite steps are skipped and counted (skipped_steps); --max-bad-steps 3 in a row stop the run.
 Expected at the defaults (SmolLM2-135M, 2-core CPU): held-out loss falls several-fold and the tool decision on
 unseen questions goes from the base model's "never call a tool" to mostly right; README.md has the measured figures.
