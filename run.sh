@@ -36,7 +36,7 @@ exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh gr
   local eval=(--precision bf16 --eval-per-category 20)
   [ "$GPU" = 1 ] && grpo_size=() eval=()
   # 1. ToolRL records from the BFCL data inside the installed bfcl-eval package (seconds; kept in data/generated/)
-  [ -s data/generated/toolrl_dev.jsonl ] || "$PY" data/make_toolrl_bfcl.py --out-dir data/generated
+  toolrl_data
   # 2. BFCL accuracy of the embedded model as it ships
   "$PY" algos/grpo_toolrl.py --eval-only true --exp-name toolrl_base --heldout-file "" "${eval[@]}"
   # 3. SFT warm start on the live split: cold, a 135M model never writes the tag format, so every sample of a group
@@ -45,6 +45,13 @@ exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh gr
   # 4. GRPO with the ToolRL reward from the warm start: greedy ToolRL reward on the held-out live prompts (dev split,
   #    the 67 that fit 1024 tokens) before and after with a paired bootstrap interval, and BFCL before and after
   "$PY" algos/grpo_toolrl.py --model "$ckpt" "${grpo_size[@]}" "${eval[@]}" "$@"
+}
+
+toolrl_data() {  # made once; made again when its SFT records hold another system prompt than grpo_toolrl.py's
+  "$PY" -c 'import json, sys; from algos.grpo_toolrl import SYSTEM_PROMPT as P
+row = json.loads(open("data/generated/toolrl_sft_train.jsonl").readline())
+sys.exit(P.split("{tools}")[1].format() not in row["messages"][0]["content"])' 2>/dev/null ||
+    "$PY" data/make_toolrl_bfcl.py --out-dir data/generated
 }
 
 toolrl_warm_start() {  # prints the checkpoint of a fresh SFT warm start (8 steps of 4 rows on CPU)
@@ -56,7 +63,7 @@ toolrl_warm_start() {  # prints the checkpoint of a fresh SFT warm start (8 step
 }
 
 exp_bench_grpo() {  # GRPO step time and peak memory: grpo_toolrl as of e365580 and now (+ TRL when installed)
-  [ -s data/generated/toolrl_train.jsonl ] || "$PY" data/make_toolrl_bfcl.py --out-dir data/generated
+  toolrl_data
   local ckpt; ckpt=$(ls -td runs/toolrl_sft__1__*/checkpoint 2>/dev/null | head -1)
   [ -n "$ckpt" ] || ckpt=$(toolrl_warm_start)
   "$PY" algos/bench_grpo.py --model "$ckpt" "$@"

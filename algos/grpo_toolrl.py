@@ -9,22 +9,20 @@ Differences from the paper and the released code:
    on held-out live prompts (paired bootstrap interval), BFCL's non-live ones by our smaller AST checker (`bfcl_check`).
 2. Scale: SmolLM2-135M-Instruct at the auto sizes of Args (paper: 1.5B-7B models, 512 prompts x 4, ~105 steps, 1024
    tokens). A cold 135M model almost never writes the tags (no signal): run.sh first gives it a short SFT warm start.
-3. Format: every tag of the pattern exactly once, <think> included (the code does not count <think> tags). A call must
-   be a JSON object with a string "name" and an object "parameters", else R_correct = min (the code fails only when it
-   touches a missing field). Schedules (two-stage, dynamic) use this run's `total_steps` (code: 150, clamped).
+3. Format: every tag of the pattern once, <think> included (the code does not count <think>). A call must be a JSON
+   object with a string "name" and an object "parameters", else R_correct = min (the code fails only on a missing field
+   it reads). Schedules use this run's `total_steps` (code: 150). The call template is not JSON: GRPO copied one.
 4. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0: k3 KL to a frozen
-   reference. No entropy bonus (code: 0.001). old_logp: the sampler's; recomputed (verl's extra pass) with `--precision
-   bf16`, where cached decode and full forward round apart (SmolLM2-135M, per micro-batch: |ratio - 1| <= 0.017,
-   approx_kl <= 1.9e-3). Checked: first minibatch |ratio - 1| < 1e-2, approx_kl < 1e-3 (bf16 sampler: 5e-2, 1e-2).
+   reference. No entropy bonus (code: 0.001). old_logp: the sampler's; with `--precision bf16` recomputed (verl's extra
+   pass): cached decode and full forward round apart (135M, per micro-batch: |ratio - 1| <= 0.017, approx_kl <= 2e-3).
 5. A prompt runs once for its G samples, in sampling and training (algos/model.py; exact), so minibatches hold whole
    groups (verl shuffles rows) and micro-batches are sized in tokens. `--shared-prefix false`: every row on its own.
 
 Usage:
-    bash run.sh grpo_toolrl   # data if missing, BFCL as shipped, SFT warm start, GRPO from it, evaluation before/after
+    bash run.sh grpo_toolrl   # data, BFCL as shipped, SFT warm start, GRPO, evaluation before/after (README.md)
     python algos/grpo_toolrl.py --model tiny --total-steps 2 --train-file data/toolrl_train_sample.jsonl \\
         --eval-file data/bfcl_eval_sample.jsonl --heldout-file data/toolrl_train_sample.jsonl   # smoke test, seconds
     torchrun --nproc_per_node 8 algos/grpo_toolrl.py ... [--fsdp true]   # 1/8 of the groups each: README.md, torchrun
-Expected at the defaults (2-core CPU, after run.sh's SFT warm start): README.md (step times, held-out reward, BFCL).
 """
 import copy
 import functools
@@ -143,9 +141,9 @@ SYSTEM_PROMPT = """You can call tools. The tools, one JSON schema per line:
 Answer in this format:
 <think> short reasoning </think>
 <tool_call>
-{{"name": "tool_name", "parameters": {{"argument": "value"}}}}
+{{"name": <tool name>, "parameters": {{<argument name>: <value>, ...}}}}
 </tool_call>
-Put one call per line. If no tool fits, make no call and write <response> your reply </response> after </think>."""
+One JSON call per line. If no tool fits, make no call and write <response> your reply </response> after </think>."""
 
 
 def build_messages(tools, dialogue):
@@ -408,7 +406,9 @@ def evaluate(model, tokenizer, items, heldout, args, path):
     out.update({"bfcl/overall": float(np.mean([ok for v in per_cat.values() for ok in v]))} if items else {})
     texts = greedy(model, tokenizer, heldout, args.max_new_tokens, args)
     rewards = [toolrl_reward(t, r["ground_truth"])["total"] for t, r in zip(texts, heldout)]
-    return {**out, **({"heldout/reward": float(np.mean(rewards))} if heldout else {})}, rewards
+    exact = [x == (4.0 if "<tool_call>" in r["ground_truth"] else 1.0) for x, r in zip(rewards, heldout)]  # best total
+    out.update({"heldout/reward": float(np.mean(rewards)), "heldout/exact": float(np.mean(exact))} if heldout else {})
+    return out, rewards
 
 
 def paired_bootstrap(before, after, samples=10000, seed=0):

@@ -95,6 +95,8 @@ def test_converter_is_deterministic_and_matches_committed_sample():
     assert not {r["id"] for r in train} & {r["id"] for r in evals}                  # live vs non-live: disjoint
     committed = [json.loads(line) for line in open(ROOT / "data" / "toolrl_train_sample.jsonl")]
     assert conv.sample(train, 8, 1200) == committed
+    committed_sft = [json.loads(line) for line in open(ROOT / "data" / "toolrl_sft_sample.jsonl")]
+    assert conv.sft_records(conv.sample(train, 4, 1200), 1200) == committed_sft  # holds today's system prompt
     no_call = sum("<tool_call>" not in r["ground_truth"] for r in train + dev)
     assert 0 < no_call <= 0.25 * len(train + dev) + 1
 
@@ -159,7 +161,7 @@ def test_smoke_tiny(tmp_path):
     assert "after/bfcl/overall" in summary and "before/bfcl/irrelevance" in summary and summary["heldout_items"] > 0
     low, diff, high = (summary[f"after/heldout/{k}"] for k in ("diff_ci95_low", "diff", "diff_ci95_high"))
     assert low <= diff <= high
-    assert -3 <= summary["before/heldout/reward"] <= 4
+    assert -3 <= summary["before/heldout/reward"] <= 4 and 0 <= summary["after/heldout/exact"] <= 1
 
 
 def test_eval_only_scores_once(tmp_path):

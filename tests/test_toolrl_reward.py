@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from algos.grpo_toolrl import (correctness_reward, format_calls, format_reward, length_reward, parse_tool_calls,
-                               toolrl_reward)
+from algos.grpo_toolrl import (SYSTEM_PROMPT, correctness_reward, format_calls, format_reward, length_reward,
+                               parse_tool_calls, toolrl_reward)
 
 F = {"name": "f", "parameters": {"a": 1, "b": "x"}}
 G = {"name": "g", "parameters": {}}
@@ -55,6 +55,14 @@ def test_no_call_expected():
     # ground truth with neither block: only <think>
     assert format_reward("<think>x</think>", "<think>y</think>") == 1.0
     assert format_reward("<think>x</think>\nmore", "<think>y</think>") == 0.0
+
+
+def test_prompt_template_copied_verbatim_scores_min():
+    # GRPO at 135M learnt to copy a JSON template with a real name (name credit); ours does not parse
+    template = SYSTEM_PROMPT.split("<tool_call>\n")[1].split("\n</tool_call>")[0].format()
+    assert correctness_reward(f"<think>ok</think>\n<tool_call>\n{template}\n</tool_call>", GT) == -3.0
+    json_template = {"name": "f", "parameters": {"argument": "value"}}
+    assert correctness_reward(calls(json_template), GT) == pytest.approx(6 * 0.5 / 5 - 3)  # names f vs f, g: 1/2
 
 
 def test_string_vs_number_and_types():
