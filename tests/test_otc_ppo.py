@@ -289,17 +289,26 @@ def test_malformed_rows_name_file_line_field(tmp_path):
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.mark.parametrize("estimator", ["ppo", "grpo"])
-def test_smoke_tiny(tmp_path, estimator):
+@pytest.mark.parametrize("estimator,precision", [("ppo", "fp32"), ("grpo", "fp32"), ("ppo", "bf16")])
+def test_smoke_tiny(tmp_path, estimator, precision):
+    """bf16 (autocast rollouts and log-prob passes, value head fp32): old_logp is recomputed, so the first minibatch's
+    run-time check holds at fp32 tolerances, and at step 0 old_logp and ref_logp are the same pass: KL exactly 0."""
     cmd = [sys.executable, "algos/otc_ppo.py", "--model", "tiny", "--estimator", estimator, "--total-steps", "2",
            "--prompts-per-step", "2", "--group-size", "2", "--max-turn-tokens", "6", "--max-calls", "1",
-           "--eval-items", "2", "--runs-dir", str(tmp_path), "--exp-name", "smoke", "--save-model", "true"]
+           "--eval-items", "2", "--runs-dir", str(tmp_path), "--exp-name", "smoke", "--save-model", "true",
+           "--precision", precision]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]  # the run-time invariants (first ratio, k3 >= 0) held
     run = next(tmp_path.glob("smoke__1__*"))
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r[k]) for r in rows for k in ["reward", "kl", "approx_kl", "clipfrac", "ratio_mean"] +
+               ["value_loss"] * (estimator == "ppo"))
+    assert all(r["skipped_steps"] == 0 and r["kl"] >= 0 and abs(r["ratio_mean"] - 1) < 5e-2 for r in rows)
+    saved = json.loads((run / "args.json").read_text())
+    assert (saved["precision"], saved["old_logp"]) == (precision, "recompute" if precision == "bf16" else "sampler")
+    assert precision == "fp32" or rows[0]["kl"] == 0.0
     for key in ["reward", "rewards/em/mean", "rewards/tool/mean", "tool_calls", "kl", "approx_kl", "clipfrac",
                 "invalid_actions", "frac_reward_zero_std"] + (["value_loss", "explained_variance"] *
                                                                (estimator == "ppo")):
