@@ -420,9 +420,8 @@ def paired_bootstrap(before, after, samples=10000, seed=0):
 
 
 def micro_weight(loss_type, rows, mini_rows, tokens, mini_tokens):
-    """Scale of a micro-batch loss so that the accumulated gradient equals the minibatch reduction."""
-    return tokens / max(mini_tokens, 1.0) if loss_type == "bnpo" else \
-        1.0 if loss_type == "dapo" else rows / mini_rows  # dapo: divided by mini_tokens inside policy_loss
+    """Scale of a micro-batch loss: the accumulated gradient is the minibatch reduction (dapo's: inside policy_loss)."""
+    return tokens / max(mini_tokens, 1.0) if loss_type == "bnpo" else 1.0 if loss_type == "dapo" else rows / mini_rows
 
 
 def micro_batches(data, rows, args):
