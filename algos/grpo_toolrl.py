@@ -113,6 +113,7 @@ class Args:
     runs_dir: str = arg("runs", "folder that receives the run folder")
 
     def __post_init__(self):  # rules joining several fields, on the values main will use (auto resolved)
+        self.old_logp = self.old_logp.replace("auto", "recompute" if self.precision == "bf16" else "sampler")
         r, world = resolve_defaults(copy.copy(self)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
         units = r.prompts_per_step * (1 if r.shared_prefix else r.group_size)  # what minibatches are drawn from
         if r.total_steps and units % r.num_minibatches:
@@ -463,7 +464,7 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
     assert loss_mask.sum() > 0, "empty loss_mask"
     active = (advantages != 0) | (args.beta > 0)  # (N,)
-    recompute = args.old_logp == "recompute" or args.old_logp == "auto" and args.precision == "bf16"
+    recompute = args.old_logp == "recompute"  # auto was resolved in Args.__post_init__
     old_logp = _logprobs_in_chunks(model, data, args) if recompute else data["sample_logp"]
     tol = (5e-2, 1e-2) if args.precision == "bf16" and not recompute else (1e-2, 1e-3)  # |ratio - 1|, approx_kl
     ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)

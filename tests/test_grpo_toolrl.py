@@ -281,4 +281,5 @@ def test_smoke_tiny_bf16(tmp_path):
     run = sorted(tmp_path.glob("smoke_bf16__1__*"))[-1]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1] and all(r["kl"] >= 0 and r["skipped_steps"] == 0 for r in rows)
-    assert json.loads((run / "args.json").read_text())["precision"] == "bf16"
+    saved = json.loads((run / "args.json").read_text())  # what ran: --old-logp auto resolved for bf16
+    assert (saved["precision"], saved["old_logp"]) == ("bf16", "recompute")

@@ -233,5 +233,7 @@ def test_smoke_tiny_bf16(tmp_path):
            "--runs-dir", str(tmp_path), "--exp-name", "smoke_bf16", "--save-model", "false"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in open(next(tmp_path.glob("smoke_bf16__1__*")) / "metrics.jsonl")]
+    run = next(tmp_path.glob("smoke_bf16__1__*"))
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1] and all(r["kl"] >= 0 and r["skipped_steps"] == 0 for r in rows)
+    assert json.loads((run / "args.json").read_text())["old_logp"] == "recompute"  # auto, resolved for bf16
