@@ -13,8 +13,8 @@ Differences from the paper and the released code:
    object with a string "name" and an object "parameters", else R_correct = min (the code fails only on a missing field
    it reads). Schedules use this run's `total_steps` (code: 150). The call template is not JSON: GRPO copied one.
 4. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0: k3 KL to a frozen
-   reference. No entropy bonus (code: 0.001). old_logp: the sampler's; with `--precision bf16` recomputed (verl's extra
-   pass): cached decode and full forward round apart (135M, per micro-batch: |ratio - 1| <= 0.017, approx_kl <= 2e-3).
+   reference. No entropy bonus (code: 0.001). old_logp: the sampler's; in bf16 recomputed (verl's extra pass). bf16's
+   first-minibatch check allows its rounding: decode vs forward, or micro-batch shapes (135M: approx_kl <= 2e-3).
 5. A prompt runs once for its G samples, in sampling and training (algos/model.py; exact), so minibatches hold whole
    groups (verl shuffles rows) and micro-batches are sized in tokens. `--shared-prefix false`: every row on its own.
 
@@ -383,23 +383,23 @@ def strip_eos(text, tokenizer):
 # ---------------------------------------------------------------- rollout and evaluation
 @torch.no_grad()
 def greedy(model, tokenizer, rows, max_new_tokens, args):
-    """Greedy completions (EOS cut) of records, in order; under torchrun each process completes every world-th one."""
+    """Greedy completions (EOS cut) of records, in order, batched by prompt length; torchrun: every world-th each."""
     rank, world = distributed()
     rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in rows[rank::world]])
     with torch.autocast(model.device.type, torch.bfloat16, enabled=args.precision == "bf16"):  # before = after
-        texts = gather([strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, max_new_tokens, 0.0,
-                                                                  batch_size=args.gen_batch_size)])
+        generate(model, tokenizer, sorted(rollouts, key=lambda r: r.prompt_len), max_new_tokens, 0.0,
+                 batch_size=args.gen_batch_size)
+    texts = gather([strip_eos(tokenizer.decode(r.completion_ids), tokenizer) for r in rollouts])
     return [texts[i % world][i // world] for i in range(len(rows))]
 
 
 def evaluate(model, tokenizer, items, heldout, args, path):
     """BFCL accuracy per category and overall, greedy held-out rewards -> (metrics, rewards); predictions in path."""
-    items, per_cat, preds = sorted(items, key=lambda r: len(json.dumps(r["tools"]))), {}, []  # less padding
-    for item, text in zip(items, greedy(model, tokenizer, items, args.eval_max_new_tokens, args)):
-        calls = parse_bfcl_calls(text)
-        ok, error = bfcl_check(calls, item["possible_answer"], item["tools"], item["category"])
-        per_cat.setdefault(item["category"], []).append(ok)
-        preds.append(json.dumps({"id": item["id"], "category": item["category"], "correct": ok, "error": error,
+    per_cat, preds = {}, []
+    for it, text in zip(items, greedy(model, tokenizer, items, args.eval_max_new_tokens, args)):
+        ok, error = bfcl_check(calls := parse_bfcl_calls(text), it["possible_answer"], it["tools"], it["category"])
+        per_cat.setdefault(it["category"], []).append(ok)
+        preds.append(json.dumps({"id": it["id"], "category": it["category"], "correct": ok, "error": error,
                                  "completion": text, "calls": calls}, ensure_ascii=False) + "\n")
     if items and distributed()[0] == 0:
         Path(path).write_text("".join(preds))
@@ -466,7 +466,7 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=
     active = (advantages != 0) | (args.beta > 0)  # (N,)
     recompute = args.old_logp == "recompute"  # auto was resolved in Args.__post_init__
     old_logp = _logprobs_in_chunks(model, data, args) if recompute else data["sample_logp"]
-    tol = (5e-2, 1e-2) if args.precision == "bf16" and not recompute else (1e-2, 1e-3)  # |ratio - 1|, approx_kl
+    tol = (5e-2, 1e-2) if args.precision == "bf16" else (1e-2, 1e-3)  # |ratio - 1|, approx_kl (docstring 4)
     ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
     unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
     n, gen = len(loss_mask) // unit, torch.Generator().manual_seed(seed)  # this process: units rank * n + (0..n-1)

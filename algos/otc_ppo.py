@@ -431,7 +431,7 @@ def ppo_update(model, value_head, optimizer, data, advantages, args, old_logp, r
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens only; prompt, tool turns and padding 0
     assert all_reduce(float(loss_mask.sum())) > 0, "empty loss_mask"
     ppo, kl_ref = returns is not None, ref_logp if args.kl_mode == "loss" else None
-    tol = (5e-2, 1e-2) if args.precision == "bf16" and args.old_logp == "sampler" else (1e-2, 1e-3)  # |ratio-1|, akl
+    tol = (5e-2, 1e-2) if args.precision == "bf16" else (1e-2, 1e-3)  # |ratio - 1|, approx_kl: bf16 rounding
     skip = advantages.dim() == 1 and kl_ref is None and args.ent_coef == 0
     active = (advantages != 0).cpu() if skip else torch.ones(len(loss_mask), dtype=torch.bool)  # (N,)
     unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
