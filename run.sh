@@ -31,9 +31,11 @@ exp_sft() {
 
 exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh grpo_toolrl --total-steps 40
   # CPU: sampling, log-prob passes and greedy evaluation under bf16 autocast (1.5-1.6x per GRPO step on this
-  # avx512_bf16 CPU), BFCL on 20 items per category (100 of the 1240 non-live items); GPU: the defaults, all of BFCL
+  # avx512_bf16 CPU), BFCL on 10 items per category (50 of the 1240 non-live items); GPU: the defaults, all of BFCL.
+  # Both: Dr. GRPO's loss (no per-sample length normalisation): with the grpo loss every sample drifted to the token
+  # limit by repeating its first call block (README)
   local grpo_size=(--total-steps 20 --lr 5e-5 --max-prompt-tokens 512 --eval-max-prompt-tokens 1024) ckpt
-  local eval=(--precision bf16 --eval-per-category 20)
+  local eval=(--precision bf16 --eval-per-category 10) loss=(--loss-type dr_grpo)
   [ "$GPU" = 1 ] && grpo_size=() eval=()
   # 1. ToolRL records from the BFCL data inside the installed bfcl-eval package (seconds; kept in data/generated/)
   toolrl_data
@@ -44,7 +46,7 @@ exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh gr
   ckpt=$(toolrl_warm_start)
   # 4. GRPO with the ToolRL reward from the warm start: greedy ToolRL reward on the held-out live prompts (dev split,
   #    the 67 that fit 1024 tokens) before and after with a paired bootstrap interval, and BFCL before and after
-  "$PY" algos/grpo_toolrl.py --model "$ckpt" "${grpo_size[@]}" "${eval[@]}" "$@"
+  "$PY" algos/grpo_toolrl.py --model "$ckpt" "${grpo_size[@]}" "${eval[@]}" "${loss[@]}" "$@"
 }
 
 toolrl_data() {  # made once; made again when its SFT records hold another system prompt than grpo_toolrl.py's
