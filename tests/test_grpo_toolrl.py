@@ -283,3 +283,26 @@ def test_smoke_tiny_bf16(tmp_path):
     assert [r["step"] for r in rows] == [0, 1] and all(r["kl"] >= 0 and r["skipped_steps"] == 0 for r in rows)
     saved = json.loads((run / "args.json").read_text())  # what ran: --old-logp auto resolved for bf16
     assert (saved["precision"], saved["old_logp"]) == ("bf16", "recompute")
+
+
+def test_greedy_batches_by_length_but_returns_rows_in_order(monkeypatch):
+    """greedy() hands generate() the prompts sorted by length; every completion must still come back to its own row.
+    generate is replaced by one that answers each prompt with its own token count, so a mix-up shows."""
+    import types
+
+    import algos.grpo_toolrl as g
+    from algos.model import load_model, start_rollouts
+    tok = load_model("tiny", device="cpu")[1]
+    seen = []
+
+    def answer_with_length(model, tokenizer, rollouts, max_new_tokens, temperature, batch_size=None):
+        seen.append([r.prompt_len for r in rollouts])
+        for r in rollouts:
+            r.token_ids += tokenizer.encode(f" {r.prompt_len}", add_special_tokens=False) + [tokenizer.eos_token_id]
+
+    monkeypatch.setattr(g, "generate", answer_with_length)
+    rows = [{"tools": TOOLS, "dialogue": [{"role": "user", "content": "word " * n}]} for n in (40, 3, 17, 9)]
+    texts = g.greedy(types.SimpleNamespace(device=torch.device("cpu")), tok, rows, 4, Args())
+    lengths = [start_rollouts(tok, [g.build_messages(r["tools"], r["dialogue"])])[0].prompt_len for r in rows]
+    assert seen == [sorted(lengths)] and len(set(lengths)) == 4
+    assert [t.strip() for t in texts] == [str(n) for n in lengths]  # EOS cut, each row its own answer
