@@ -124,7 +124,7 @@ class Args:
 
 
 def resolve_defaults(args):
-    """Fill the auto (0) fields: small on a CPU (run.sh must finish in ~20 min on 2 cores), larger on a GPU."""
+    """Fill the auto (0) fields: small on a CPU (run.sh aims at ~20 min on 2 cores), larger on a GPU."""
     gpu = torch.cuda.is_available()
     for name, cpu, gpu_value in [("total_steps", 6, 100), ("prompts_per_step", 4, 64), ("max_new_tokens", 80, 512),
                                  ("max_prompt_tokens", 320, 2048), ("eval_max_prompt_tokens", 512, 4096),
