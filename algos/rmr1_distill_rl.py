@@ -378,8 +378,7 @@ def grpo_update(model, optimizer, data, advantages, args, ref_model=None, guard=
     loss_mask = data["loss_mask"]  # (N, T): 1 on sampled tokens, EOS included
     assert loss_mask.sum() > 0, "empty loss_mask"
     active = (advantages != 0) | (args.beta > 0)  # (N,)
-    recompute = args.old_logp == "recompute"  # auto was resolved in Args.__post_init__
-    old_logp = _logprobs_in_chunks(model, data, args) if recompute else data["sample_logp"]
+    old_logp = _logprobs_in_chunks(model, data, args) if args.old_logp == "recompute" else data["sample_logp"]  # (N, T)
     tol = (5e-2, 1e-2) if args.precision == "bf16" else (1e-2, 1e-3)  # |ratio - 1|, approx_kl: bf16 rounding
     ref_logp = None if ref_model is None else _logprobs_in_chunks(ref_model, data, args)
     unit = args.group_size if args.shared_prefix else 1  # minibatches of whole groups (or rows)
