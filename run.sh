@@ -33,8 +33,8 @@ exp_grpo_toolrl() {  # extra arguments go to the GRPO stage, e.g. bash run.sh gr
   # CPU: sampling, log-prob passes and greedy evaluation under bf16 autocast (1.5-1.6x per GRPO step on this
   # avx512_bf16 CPU), BFCL on 10 items per category (50 of the 1240 non-live items); GPU: the defaults, all of BFCL.
   # Both: Dr. GRPO's loss (no per-sample length normalisation): with the grpo loss every sample drifted to the token
-  # limit by repeating its first call block (README)
-  local grpo_size=(--total-steps 20 --lr 5e-5 --max-prompt-tokens 512 --eval-max-prompt-tokens 1024) ckpt
+  # limit by repeating its first call block (README). 12 steps keep the CPU job near 20 minutes (README)
+  local grpo_size=(--total-steps 12 --lr 5e-5 --max-prompt-tokens 512 --eval-max-prompt-tokens 1024) ckpt
   local eval=(--precision bf16 --eval-per-category 10) loss=(--loss-type dr_grpo)
   [ "$GPU" = 1 ] && grpo_size=() eval=()
   # 1. ToolRL records from the BFCL data inside the installed bfcl-eval package (seconds; kept in data/generated/)
