@@ -137,30 +137,30 @@ def h(text):
     return int(hashlib.sha1(text.encode()).hexdigest(), 16)
 
 
-def sft_messages(row, retriever):
-    """A warm-start trajectory in the rollout format. It over-searches on purpose, as Search-R1-trained models do:
-    about half of the memory questions search once; about a third of the 1-hop questions search twice."""
+def sft_trajectories(row, retriever):
+    """Warm-start trajectories in the rollout format: every way of answering the question the start policy should be
+    able to sample. A memory question gets two, one answered from memory and one answered after a search (the
+    over-searching of Search-R1-trained models, which OTC removes), so both are in the warm start's support and the RL
+    reward decides between them. A 1-hop question searches once, or (a third of them) twice; a 2-hop question twice."""
     q, answer = row["question"], row["answers"][0]
-    turns = [{"role": "user", "content": PROMPT.format(question=q)}]  # the prompt of otc_ppo's rollouts
+    prompt = {"role": "user", "content": PROMPT.format(question=q)}  # the prompt of otc_ppo's rollouts
 
-    def search(query):
-        turns.append({"role": "assistant", "content": f"<think> I need to look this up. </think>\n<search> {query} "
-                                                      f"</search>"})
-        turns.append({"role": "tool", "content": format_docs(retriever.search([query], 3)[0])})
-    if row["kind"] == "memory" and h(q) % 2 == 0:
-        turns.append({"role": "assistant", "content": f"<think> I know this. </think>\n<answer> {answer} </answer>"})
-        return turns
+    def searched(*queries):
+        turns = [prompt]
+        for query in queries:
+            turns.append({"role": "assistant", "content": f"<think> I need to look this up. </think>\n<search> "
+                                                          f"{query} </search>"})
+            turns.append({"role": "tool", "content": format_docs(retriever.search([query], 3)[0])})
+        return turns + [{"role": "assistant", "content": f"<think> The information answers it. </think>\n<answer> "
+                                                         f"{answer} </answer>"}]
+    if row["kind"] == "memory":
+        direct = [prompt, {"role": "assistant", "content": f"<think> I know this. </think>\n<answer> {answer} </answer>"}]
+        return [direct, searched(q.rstrip("?"))]
     if row["kind"] == "2hop":
         firm, hop = row["firm"], row["bridge"]
-        search(f"{firm} founded by" if "founder" in q else f"{firm} based in")
-        search(f"{hop} born" if "founder" in q else f"capital of {hop}")
-    else:
-        search(q.rstrip("?"))
-        if row["kind"] == "1hop" and h(q) % 3 == 0:
-            search(q.rstrip("?"))
-    turns.append({"role": "assistant", "content": f"<think> The information answers it. </think>\n<answer> {answer} "
-                                                  f"</answer>"})
-    return turns
+        return [searched(f"{firm} founded by" if "founder" in q else f"{firm} based in",
+                         f"{hop} born" if "founder" in q else f"capital of {hop}")]
+    return [searched(*[q.rstrip("?")] * (2 if h(q) % 3 == 0 else 1))]
 
 
 def main():
@@ -204,8 +204,8 @@ def main():
     write("otc_memory_probe.jsonl", probe)
     for split in ("train", "test"):
         write(f"otc_{split}.jsonl", [{k: r[k] for k in fields} for r in rows if r["split"] == split])
-    write("otc_sft.jsonl", [{"id": r["id"], "messages": sft_messages(r, retriever)} for r in rows
-                            if r["split"] == "sft"])
+    write("otc_sft.jsonl", [{"id": f"{r['id']}.{j}", "messages": m} for r in rows if r["split"] == "sft"
+                            for j, m in enumerate(sft_trajectories(r, retriever))])
     print(f"memory questions kept: {len(kept)} of {len(MEMORY)}")
 
 
