@@ -116,9 +116,12 @@ exp_iteralign() {  # extra arguments go to every iteralign.py call, e.g. bash ru
     "${opts[@]}" "$@"
 }
 
-exp_otc_ppo() {  # extra arguments go to both RL arms, e.g. bash run.sh otc_ppo --estimator grpo --total-steps 20
-  local sft_size=(--max-steps 16 --lr 2e-4) ckpt  # ~12 min on 2 busy CPU cores
-  [ "$GPU" = 1 ] && sft_size=(--max-steps 40 --lr 1e-4)
+exp_otc_ppo() {  # extra arguments go to both RL arms, e.g. bash run.sh otc_ppo --estimator ppo --total-steps 20
+  # GRPO by default: it compares rollouts of one question, which is what tells answering from memory from searching;
+  # PPO's value head sees too few updates here to tell questions apart (README: explained variance ~0 after 8 steps)
+  local sft_size=(--max-steps 20 --lr 2e-4) ckpt
+  local rl=(--estimator grpo --prompts-per-step 4 --total-steps 12 --lr 2e-5 "${CPU_BF16[@]}")
+  [ "$GPU" = 1 ] && sft_size=(--max-steps 40 --lr 1e-4) rl=(--estimator grpo --prompts-per-step 8 --total-steps 100)
   # 1. knowledge-boundary QA + corpus (committed in data/; remade only if missing: needs the embedded model)
   [ -s data/otc_train.jsonl ] || "$PY" data/make_otc_qa.py
   # 2. SFT warm start in the rollout format: cold, a 135M model never writes <search>/<answer>
@@ -126,8 +129,8 @@ exp_otc_ppo() {  # extra arguments go to both RL arms, e.g. bash run.sh otc_ppo 
     "${sft_size[@]}"
   ckpt=$(ls -td runs/otc_sft__1__*/checkpoint | head -1)
   # 3. the same RL budget, seed and start with the Search-R1 reward (EM) and with the OTC reward (EM x tool reward)
-  "$PY" algos/otc_ppo.py --model "$ckpt" --reward em --exp-name otc_arm_em "$@"
-  "$PY" algos/otc_ppo.py --model "$ckpt" --reward otc --exp-name otc_arm_otc --eval-before false "$@"
+  "$PY" algos/otc_ppo.py --model "$ckpt" --reward em --exp-name otc_arm_em "${rl[@]}" "$@"
+  "$PY" algos/otc_ppo.py --model "$ckpt" --reward otc --exp-name otc_arm_otc --eval-before false "${rl[@]}" "$@"
   # 4. EM, TC (calls per question) and TP (correct / calls) on the held-out questions
   "$PY" - <<'PY'
 import glob, json

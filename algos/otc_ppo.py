@@ -15,7 +15,7 @@ Differences from the paper and Search-R1, and why:
 3. Retrieval: BM25 (bm25s) over a small fictional + real-fact corpus in data/ (the paper: E5 over Wikipedia 2018).
 4. Data: data/make_otc_qa.py's knowledge-boundary QA (not NQ + HotpotQA), a known optimal call count (0, 1 or 2) per
    question; run.sh's warm start answers each memory question both directly and after a search (data/README.md).
-5. Scale: SmolLM2-135M, 8 steps of 8 rollouts on a CPU, lr 5e-5 (paper: 7B, actor lr 1e-6, critic 1e-5).
+5. Scale: SmolLM2-135M on a CPU; run.sh's arms: GRPO, 12 steps x 4 questions x 4 rollouts, lr 2e-5 (paper: 7B, lr 1e-6).
 6. No correct rollout of a question yet, so no n (paper: silent): OTC-GRPO uses the OTC-PPO form (EM is 0 anyway).
 7. KL 0.001 (paper): k1 per token in PPO's reward (verl's default), a k3 loss for GRPO; no entropy bonus by default.
 8. Calls: only executed searches count; a search written after the c-th one ends the rollout unexecuted.
