@@ -12,6 +12,7 @@ Differences from the paper and the released code:
 3. Format: every tag of the pattern once, <think> included (the code does not count <think>). A call must be a JSON
    object with a string "name" and an object "parameters", else R_correct = min (the code fails only on a missing field
    it reads). Schedules use this run's `total_steps` (code: 150). The call template is not JSON: GRPO copied one.
+   `--no-call match`: a no-call reference scores R_correct by the paper's formula, +3 without a call, -3 with one.
 4. No KL by default (as the paper; the released script adds 0.001 KL to the reward); `beta` > 0: k3 KL to a frozen
    reference. No entropy bonus (code: 0.001). old_logp: the sampler's; in bf16 recomputed (verl's extra pass). bf16's
    first-minibatch check allows its rounding: decode vs forward, or micro-batch shapes (135M: approx_kl <= 2e-3).
@@ -95,6 +96,8 @@ class Args:
     schedule: str = arg("none", "reward scale schedule (paper Sec. 5)", choices=("none", "dynamic", "two_stage"))
     two_stage_step: int = arg(30, "two_stage: step where correctness range x3 and format range /2 (code: 30)", low=0)
     equal_max: bool = arg(False, "ablation: R_correct in [-1, 1] (equal max with format)")
+    no_call: str = arg("zero", "training R_correct where the reference makes no call: zero (code) | match (paper's "
+                       "formula, G empty: max without a call, min with one; docstring 3)", choices=("zero", "match"))
     length_reward: str = arg("none", "ablation: none | fixed (+min(think words/512, 1)) | dynamic (target 384->640)",
                              choices=("none", "fixed", "dynamic"))
     eval_per_category: int = arg(0, "BFCL items per category (hashed subset); 0 = auto: 6 CPU, all GPU; -1 all", low=-1)
@@ -154,11 +157,6 @@ def build_messages(tools, dialogue):
                                       ensure_ascii=False) for t in tools)
     system = {"role": "system", "content": SYSTEM_PROMPT.format(tools=tool_lines) + extra}
     return [system] + [{"role": m["role"], "content": m["content"]} for m in dialogue if m["role"] != "system"]
-
-
-def format_calls(calls):
-    """The <tool_call> body for a list of {"name", "parameters"}: one JSON object per line."""
-    return "\n".join(json.dumps({"name": c["name"], "parameters": c["parameters"]}, ensure_ascii=False) for c in calls)
 
 
 def json_or_none(line):
@@ -225,11 +223,11 @@ def _assign(gt, pred, granularity, matching):
 
 
 def correctness_reward(completion: str, ground_truth: str, max_reward=3.0, min_reward=-3.0, matching="greedy",
-                       granularity="finest") -> float:
-    """R_correct (paper Sec. 3.3): 0 if the ground truth makes no call, min if no parseable prediction, max if equal
-    calls, else min + (max - min) * (r_name + sum r_param + sum r_value) / S_max, S_max = 1 + |G| + sum_g |keys(g)|."""
+                       granularity="finest", no_call="zero") -> float:
+    """R_correct (paper Sec. 3.3): min if no parseable prediction, max if equal calls, else min + (max - min) *
+    (r_name + sum r_param + sum r_value) / S_max, S_max = 1 + |G| + sum_g |keys(g)|. G empty: 0 (code), or "match"."""
     if "<tool_call>" not in ground_truth:
-        return 0.0
+        return 0.0 if no_call == "zero" else float(max_reward if "<tool_call>" not in completion else min_reward)
     gt, pred = parse_tool_calls(ground_truth), parse_tool_calls(completion.strip())
     if gt is None:
         raise ValueError(f"ground truth has an unparseable <tool_call> block: {ground_truth!r}")
@@ -251,8 +249,8 @@ def length_reward(completion: str, target_words=512) -> float:
     return min(round(words / target_words, 2), 1.0)
 
 
-def toolrl_reward(completion: str, ground_truth: str, step=0, total_steps=1, matching="greedy",
-                  granularity="finest", schedule="none", two_stage_step=30, equal_max=False, length="none"):
+def toolrl_reward(completion: str, ground_truth: str, step=0, total_steps=1, matching="greedy", granularity="finest",
+                  schedule="none", two_stage_step=30, equal_max=False, length="none", no_call="zero"):
     """All components and their total as a dict; the ablations of paper Sec. 5 are the keyword options."""
     fmt, cor = (0.0, 1.0), ((-1.0, 1.0) if equal_max else (-3.0, 3.0))  # (min, max)
     p = min(step / max(total_steps, 1), 1.0)
@@ -261,7 +259,7 @@ def toolrl_reward(completion: str, ground_truth: str, step=0, total_steps=1, mat
     elif schedule == "dynamic":  # format weight shrinks, correctness weight grows
         fmt, cor = (-2.0 + p, 2.0 - p), (-2.0 - p, 2.0 + p)
     out = {"format": format_reward(completion, ground_truth, fmt[1], fmt[0]),
-           "correctness": correctness_reward(completion, ground_truth, cor[1], cor[0], matching, granularity)}
+           "correctness": correctness_reward(completion, ground_truth, cor[1], cor[0], matching, granularity, no_call)}
     if length != "none":
         out["length"] = length_reward(completion, 512 if length == "fixed" else 384 + 256 * p)
     out["total"] = sum(out.values())
@@ -408,7 +406,9 @@ def evaluate(model, tokenizer, items, heldout, args, path):
     texts = greedy(model, tokenizer, heldout, args.max_new_tokens, args)
     rewards = [toolrl_reward(t, r["ground_truth"])["total"] for t, r in zip(texts, heldout)]
     exact = [x == (4.0 if "<tool_call>" in r["ground_truth"] else 1.0) for x, r in zip(rewards, heldout)]  # best total
-    out.update({"heldout/reward": float(np.mean(rewards)), "heldout/exact": float(np.mean(exact))} if heldout else {})
+    decided = [("<tool_call>" in t) == ("<tool_call>" in r["ground_truth"]) for t, r in zip(texts, heldout)]  # to call?
+    out.update({"heldout/reward": float(np.mean(rewards)), "heldout/exact": float(np.mean(exact)),
+                "heldout/call_decision": float(np.mean(decided))} if heldout else {})
     return out, rewards
 
 
@@ -555,7 +555,7 @@ def main(args):
         # 2. rewards: named components per completion; then those of all processes (in prompt order)
         comps = [toolrl_reward(text, batch[i // G]["ground_truth"], step, args.total_steps, args.matching,
                                args.granularity, args.schedule, args.two_stage_step, args.equal_max,
-                               args.length_reward) for i, text in enumerate(texts)]
+                               args.length_reward, args.no_call) for i, text in enumerate(texts)]
         data = collate(rollouts, tokenizer.pad_token_id, model.device)
         comps = sum(gather([dict(c, len=n, clipped=r.stop_reason == "length", calls=len(parse_bfcl_calls(t) or []))
                             for c, n, r, t in zip(comps, data["loss_mask"].sum(1).tolist(), rollouts, texts)]), [])

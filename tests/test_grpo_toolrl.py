@@ -145,7 +145,7 @@ def test_smoke_tiny(tmp_path):
            "--train-file", "data/toolrl_train_sample.jsonl", "--eval-file", "data/bfcl_eval_sample.jsonl",
            "--max-prompt-tokens", "1024", "--eval-max-prompt-tokens", "1024", "--beta", "0.04",
            "--save-model", "false", "--exp-name", "smoke_toolrl", "--heldout-file", "data/toolrl_train_sample.jsonl",
-           "--micro-batch-tokens", "600", "--runs-dir", str(tmp_path)]
+           "--micro-batch-tokens", "600", "--no-call", "match", "--runs-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -162,6 +162,8 @@ def test_smoke_tiny(tmp_path):
     low, diff, high = (summary[f"after/heldout/{k}"] for k in ("diff_ci95_low", "diff", "diff_ci95_high"))
     assert low <= diff <= high
     assert -3 <= summary["before/heldout/reward"] <= 4 and 0 <= summary["after/heldout/exact"] <= 1
+    assert 0 <= summary["after/heldout/call_decision"] <= 1 and json.loads((run / "args.json").read_text())["no_call"] \
+        == "match"
 
 
 def test_eval_only_scores_once(tmp_path):

@@ -5,8 +5,14 @@ import random
 
 import pytest
 
-from algos.grpo_toolrl import (SYSTEM_PROMPT, correctness_reward, format_calls, format_reward, length_reward,
+from algos.grpo_toolrl import (SYSTEM_PROMPT, correctness_reward, format_reward, length_reward,
                                parse_tool_calls, toolrl_reward)
+
+
+def format_calls(cs):
+    """A <tool_call> body as the system prompt asks for it: one {"name", "parameters"} JSON object per line."""
+    return "\n".join(json.dumps({"name": c["name"], "parameters": c["parameters"]}) for c in cs)
+
 
 F = {"name": "f", "parameters": {"a": 1, "b": "x"}}
 G = {"name": "g", "parameters": {}}
@@ -55,6 +61,16 @@ def test_no_call_expected():
     # ground truth with neither block: only <think>
     assert format_reward("<think>x</think>", "<think>y</think>") == 1.0
     assert format_reward("<think>x</think>\nmore", "<think>y</think>") == 0.0
+
+
+def test_no_call_match_applies_the_papers_formula_to_an_empty_ground_truth():
+    reply = "<think>x</think>\n<response>hi</response>"
+    assert correctness_reward(reply, GT_RESPONSE, no_call="match") == 3.0  # G = P = []: equal lists
+    assert correctness_reward(calls(F), GT_RESPONSE, no_call="match") == -3.0  # r_name 0, S_max 1
+    assert correctness_reward("<tool_call>\n{oops\n</tool_call>", GT_RESPONSE, no_call="match") == -3.0  # unparseable
+    assert toolrl_reward(calls(F), GT_RESPONSE, no_call="match")["total"] == -3.0  # format 0 too
+    assert toolrl_reward(reply, GT_RESPONSE, no_call="match", equal_max=True)["total"] == 2.0  # range [-1, 1] + 1
+    assert toolrl_reward(calls(F), GT, no_call="match") == toolrl_reward(calls(F), GT)  # call prompts: unchanged
 
 
 def test_prompt_template_copied_verbatim_scores_min():
