@@ -139,8 +139,9 @@ def h(text):
 
 def sft_trajectories(row, retriever):
     """Warm-start trajectories in the rollout format: every way of answering the question the start policy should be
-    able to sample. A memory question gets two, one answered from memory and one answered after a search (the
-    over-searching of Search-R1-trained models, which OTC removes), so both are in the warm start's support and the RL
+    able to sample. A memory question gets three: two answered from memory (two wordings of the thought) and one
+    answered after a search (the over-searching of Search-R1-trained models, which OTC removes). Both modes are in the
+    warm start's support, direct answers twice as often, so most RL groups of a memory question hold both and the
     reward decides between them. A 1-hop question searches once, or (a third of them) twice; a 2-hop question twice."""
     q, answer = row["question"], row["answers"][0]
     prompt = {"role": "user", "content": PROMPT.format(question=q)}  # the prompt of otc_ppo's rollouts
@@ -154,8 +155,9 @@ def sft_trajectories(row, retriever):
         return turns + [{"role": "assistant", "content": f"<think> The information answers it. </think>\n<answer> "
                                                          f"{answer} </answer>"}]
     if row["kind"] == "memory":
-        direct = [prompt, {"role": "assistant", "content": f"<think> I know this. </think>\n<answer> {answer} </answer>"}]
-        return [direct, searched(q.rstrip("?"))]
+        direct = [[prompt, {"role": "assistant", "content": f"<think> {thought} </think>\n<answer> {answer} </answer>"}]
+                  for thought in ("I know this.", "I remember this fact.")]
+        return direct + [searched(q.rstrip("?"))]
     if row["kind"] == "2hop":
         firm, hop = row["firm"], row["bridge"]
         return [searched(f"{firm} founded by" if "founder" in q else f"{firm} based in",

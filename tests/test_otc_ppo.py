@@ -263,14 +263,14 @@ def test_committed_data_is_valid_and_splits_are_disjoint():
     assert {r["question"] for r in train + test if r["kind"] == "memory"} <= kept
     sft = [json.loads(line) for line in open(ROOT / "data" / "otc_sft.jsonl")]
     assert all(m["role"] in ("user", "assistant", "tool") for r in sft for m in r["messages"])
-    # the generator still writes the committed warm start: a memory question is answered both from memory and after
-    # one search (both in the start policy's support), with the rollout prompt
+    # the generator still writes the committed warm start: a memory question is answered twice from memory and once
+    # after one search (both modes in the start policy's support), with the rollout prompt
     sys.path.insert(0, str(ROOT / "data"))
     import make_otc_qa
     first = [r["messages"] for r in sft if r["id"].startswith(sft[0]["id"].split(".")[0] + ".")]
     row = {"question": first[0][0]["content"].split("Question: ")[-1], "kind": "memory", "answers": ["Paris"]}
     assert make_otc_qa.sft_trajectories(row, BM25Retriever(corpus)) == first
-    assert [sum(m["role"] == "tool" for m in t) for t in first] == [0, 1]
+    assert [sum(m["role"] == "tool" for m in t) for t in first] == [0, 0, 1]
     assert first[0][0]["content"] == otc.PROMPT.format(question=row["question"])
 
 
