@@ -2,12 +2,12 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from algos.bench_grpo import Args, step_times, summarize, trl_config
+from algos.model import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,22 +41,26 @@ def test_bench_smoke_tiny(tmp_path):
     assert "| now |" in (run / "table.md").read_text() and "| now_bf16 |" in (run / "table.md").read_text()
 
 
-def test_bad_arguments_stop_at_parse_time(tmp_path):
+@pytest.mark.parametrize("flag, argv", [
+    ("--paths", ["--paths", "now,vllm"]), ("--group-size", ["--group-size", "1"]),  # GRPO needs G >= 2
+    ("--num-minibatches", ["--prompts-per-step", "2", "--num-minibatches", "3"]),  # whole groups per minibatch
+    ("--before-commit", ["--before-commit", "0" * 40]),  # not a commit here
+])
+def test_bad_arguments_are_usage_errors(flag, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(Args, ["--train-file", "data/toolrl_train_sample.jsonl", *argv])
+    assert e.value.code == 2 and flag in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_bad_argument_stops_the_script_before_loading_a_model(tmp_path):
     unloadable = tmp_path / "unloadable_model"  # passes the model check; loading it would fail (no config.json)
     unloadable.mkdir()
-    cases = {"--paths": ["--paths", "now,vllm"], "--group-size": ["--group-size", "1"],  # GRPO needs G >= 2
-             "--num-minibatches": ["--prompts-per-step", "2", "--num-minibatches", "3"],  # whole groups per minibatch
-             "--before-commit": ["--before-commit", "0" * 40]}  # not a commit here
-    t = time.time()
-    common = ["--model", str(unloadable), "--train-file", "data/toolrl_train_sample.jsonl", "--runs-dir", str(tmp_path)]
-    procs = {flag: subprocess.Popen([sys.executable, "algos/bench_grpo.py", *common, *argv], cwd=ROOT,
-                                    stderr=subprocess.PIPE, text=True)
-             for flag, argv in cases.items()}  # in parallel: each costs only the imports
-    for flag, proc in procs.items():
-        err = proc.communicate(timeout=120)[1]
-        assert proc.returncode == 2 and flag in err.splitlines()[-1], err[-1000:]
-    # the unloadable model proves the order; the time only bounds imports (seconds each; 2-core CI under load: more)
-    assert time.time() - t < 90 and not list(tmp_path.glob("bench_grpo__*"))
+    out = subprocess.run([sys.executable, "algos/bench_grpo.py", "--model", str(unloadable), "--train-file",
+                          "data/toolrl_train_sample.jsonl", "--runs-dir", str(tmp_path), "--paths", "now,vllm"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # the unloadable model proves the order: parse_args ran before main
+    assert out.returncode == 2 and "--paths" in out.stderr.splitlines()[-1], out.stderr[-1000:]
+    assert not list(tmp_path.glob("bench_grpo__*"))
 
 
 def test_trl_generates_one_whole_generation_batch_then_num_minibatches_steps(tmp_path):

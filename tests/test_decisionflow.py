@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from algos.decisionflow import (STEPS, Args, DataError, ask_json, correct_choices, decide, extract_json,
                                 filter_attributes, load_mta, main, majority, parse_answer, run_baseline,
                                 run_decisionflow, score, step_schema, utilities, validate)
+from algos.model import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,21 +261,26 @@ def test_malformed_data_stops_before_loading_a_model(tmp_path):
     assert not list(tmp_path.glob("decisionflow__*"))
 
 
-def test_bad_arguments_stop_at_parse_time(tmp_path):
+@pytest.mark.parametrize("flag, argv", [
+    ("--methods", ["--methods", "zero_shot,debate"]), ("--keep-threshold", ["--keep-threshold", "1.5"]),
+    ("--model", ["--model", "./no_such_model"]),  # not a URL and no such folder
+    ("--sc-temperature", ["--sc-temperature", "0"]),  # self-consistency of k greedy samples: a joined rule
+])
+def test_bad_arguments_are_usage_errors(flag, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(Args, argv)
+    assert e.value.code == 2 and flag in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_bad_argument_stops_the_script_before_loading_a_model(tmp_path):
     unloadable = tmp_path / "unloadable_model"  # passes the model check; loading it would fail (no config.json)
     unloadable.mkdir()
-    cases = {"--methods": ["--methods", "zero_shot,debate"], "--keep-threshold": ["--keep-threshold", "1.5"],
-             "--model": ["--model", "./no_such_model"],  # not a URL and no such folder
-             "--sc-temperature": ["--sc-temperature", "0"]}  # self-consistency of k greedy samples: a joined rule
-    t = time.time()
-    procs = {flag: subprocess.Popen([sys.executable, "algos/decisionflow.py", "--model", str(unloadable), "--runs-dir",
-                                     str(tmp_path), *argv], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-             for flag, argv in cases.items()}  # in parallel: each costs only the imports
-    for flag, proc in procs.items():
-        err = proc.communicate(timeout=120)[1]
-        assert proc.returncode == 2 and flag in err.splitlines()[-1], err[-1000:]
-    # the unloadable model proves the order; the time only bounds imports (seconds each; 2-core CI under load: more)
-    assert time.time() - t < 90 and not list(tmp_path.glob("decisionflow__*"))
+    out = subprocess.run([sys.executable, "algos/decisionflow.py", "--model", str(unloadable), "--runs-dir",
+                          str(tmp_path), "--keep-threshold", "1.5"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    # the unloadable model proves the order: parse_args ran before main
+    assert out.returncode == 2 and "--keep-threshold" in out.stderr.splitlines()[-1], out.stderr[-1000:]
+    assert not list(tmp_path.glob("decisionflow__*"))
 
 
 def test_a_bad_reply_from_a_remote_model_stops_the_run_with_a_clear_error(tmp_path):
