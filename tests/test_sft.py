@@ -130,9 +130,10 @@ def test_smoke_tiny_model_through_the_command_line(tmp_path):
 
 
 def test_sft_on_the_sample_data_lowers_heldout_loss(tmp_path):
-    """Learning: a dozen steps of SmolLM2-135M on SMART-ER chains cut the held-out loss by more than a third
-    (the chains' format and the tool/no-tool rule are new to the model; 8 unseen test rows)."""
-    summary = main(Args(model="smollm2-135m", max_steps=12, batch_size=2, lr=1e-4, max_len=384, eval_every=100,
+    """Learning: six steps of SmolLM2-135M on SMART-ER chains cut the held-out loss by more than a third
+    (the chains' format and the tool/no-tool rule are new to the model; 8 unseen test rows). Measured 2026-12-02:
+    2.39 -> 1.17 (x0.49)."""
+    summary = main(Args(model="smollm2-135m", max_steps=6, batch_size=2, lr=2e-4, max_len=384, eval_every=100,
                         eval_rows=8, decision_rows=0, agent_rows=0, output_dir=str(tmp_path)))
     assert summary["eval_loss_end"] < 0.65 * summary["eval_loss_start"], summary
 
