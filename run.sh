@@ -156,7 +156,11 @@ cmd="${1:-grpo_toolrl}"
 [ $# -gt 0 ] && shift
 setup
 case "$cmd" in
-  test) exec "$PY" -m pytest -q tests "$@" ;;
+  test)  # two pytest workers (pytest-xdist; one per core here), a file's tests on one worker (--dist loadfile).
+    # The embedded model is converted first, so the two workers never race to write its cache (-n 0: one process).
+    [ -s "${MODEL_CACHE:-.cache/models}/smollm2-135m-instruct/config.json" ] ||
+      "$PY" -c "from algos.model import load_model; load_model()"
+    exec "$PY" -m pytest -q -n 2 --dist loadfile tests "$@" ;;
   list) echo "$EXPERIMENTS" ;;
   all) for e in $EXPERIMENTS; do echo "== $e"; "exp_$e"; done ;;
   *)
