@@ -28,8 +28,8 @@ Usage:
     bash run.sh otc_ppo      # data if missing (data/make_otc_qa.py), SFT warm start, EM vs OTC arms, EM/TC/TP table
     torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint> [--fsdp true] [--precision bf16]   # README.md
     python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
-Expected (run.sh's arms, 2-core AVX2 CPU, fp32): 1-4 min per step, 25-33 min per arm; 12 steps keep OTC's calls at
-the start's while EM's rise, and do not yet move memory questions off search. Measured: README.md, OTC section.
+Expected (run.sh's arms, 2-core AVX2 CPU, fp32): 1-3 min per step, 22-32 min per arm; 12 steps end with ~2 calls per
+question under EM and 1 under OTC (TP up, 2-hop EM lost), memory questions still searched. Measured: README.md, OTC.
 """
 import copy
 import json
