@@ -156,8 +156,8 @@ cmd="${1:-grpo_toolrl}"
 [ $# -gt 0 ] && shift
 setup
 case "$cmd" in
-  test)  # two pytest workers (pytest-xdist; one per core here), a file's tests on one worker (--dist loadfile).
-    # The embedded model is converted first, so the two workers never race to write its cache (-n 0: one process).
+  test)  # two pytest workers (pytest-xdist; one per core here; `bash run.sh test -n 0` for one process), a file's
+    # tests on one worker (--dist loadfile). The embedded model is converted first: the workers never race on its cache.
     [ -s "${MODEL_CACHE:-.cache/models}/smollm2-135m-instruct/config.json" ] ||
       "$PY" -c "from algos.model import load_model; load_model()"
     exec "$PY" -m pytest -q -n 2 --dist loadfile tests "$@" ;;
