@@ -180,6 +180,8 @@ class Rollout:
     prompt_len: int
     done: bool = False
     stop_reason: str = ""  # "eos", "stop" (a stop string) or "length"
+    cache: object = None  # generate(keep_cache=True): keys/values of token_ids[:cache_len], (layers, 2, heads, L, d)
+    cache_len: int = 0
 
     @property
     def completion_ids(self):
@@ -203,21 +205,27 @@ def append_tokens(rollout, ids):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(), batch_size=None, share_prefix=True):
+def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(), batch_size=None, share_prefix=True,
+             keep_cache=False):
     """Sample up to max_new_tokens for every rollout not done -> the new text of each. Rows that begin alike (n copies,
     later turns too) prefill that prefix once (share_prefix; same distribution). A rollout stops at EOS (kept, loss_mask
-    1), at a stop string in its new text, or at the length limit. temperature=0: greedy (log-probs at temperature 1)."""
+    1), at a stop string in its new text, or at the length limit. temperature=0: greedy (log-probs at temperature 1).
+    keep_cache: each rollout keeps its keys/values (Rollout.cache), so its next turn, after append_tokens, prefills only
+    the tokens added since (multi-turn; the same up to float rounding); the caller sets cache = None when it is done."""
     gathered(model)  # before any early return: every process makes the same collectives
     todo, step = [r for r in rollouts if not r.done], batch_size or max(len(rollouts), 1)
     if not todo or len(todo) < len(rollouts) or len(todo) > step:  # only rollouts not done, a batch at a time
         texts = iter([t for s in range(0, len(todo), step) for t in generate(
-            model, tokenizer, todo[s:s + step], max_new_tokens, temperature, stop, None, share_prefix)])
+            model, tokenizer, todo[s:s + step], max_new_tokens, temperature, stop, None, share_prefix, keep_cache)])
         return [next(texts) if any(r is x for x in todo) else "" for r in rollouts]
     device, B, seqs = next(model.parameters()).device, len(rollouts), [list(r.token_ids) for r in rollouts]
-    group, shared = prefix_groups(seqs) if share_prefix else (list(range(B)), [0] * B)
-    _, own, hidden, attn, kv, _ = _shared_forward(model, seqs, group, shared, device)  # each prefix once, then the rows
+    cached = all(r.cache is not None and 0 < r.cache_len < len(r.token_ids) for r in rollouts)
+    group, shared = (list(range(B)), [r.cache_len for r in rollouts]) if cached else \
+        prefix_groups(seqs) if share_prefix else (list(range(B)), [0] * B)
+    _, own, hidden, attn, kv, _ = _shared_forward(model, seqs, group, shared, device,  # each prefix once, then the rows
+                                                  [r.cache for r in rollouts] if cached else None)
     logits = model.get_output_embeddings()(hidden[torch.arange(B), attn[:, -own.shape[1]:].sum(1) - 1])  # (B, V)
-    cache, kv = DynamicCache([layer.seen for layer in kv]), None  # the cache alone holds keys/values from here on
+    cache, kv, first = DynamicCache([layer.seen for layer in kv]), None, attn.shape[1]  # the cache alone holds them now
     pos = torch.tensor([[len(x)] for x in seqs], device=device)  # (B, 1): the next token's position
     new = [[] for _ in range(B)]
     tail = max([len(tokenizer.encode(s, add_special_tokens=False)) for s in stop] + [0]) + 2
@@ -238,6 +246,10 @@ def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(
         logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
                        use_cache=True).logits[:, -1]
         pos = pos + 1
+    for b, r in enumerate(rollouts if keep_cache else []):  # row b's tokens but the last sampled one (never fed)
+        cols = torch.cat([attn[b, :first].nonzero()[:, 0], first + torch.arange(len(new[b]) - 1, device=device)])
+        r.cache, r.cache_len = torch.stack([torch.stack([x.keys[b][:, cols], x.values[b][:, cols]])
+                                            for x in cache.layers]), len(cols)  # (layers, 2, heads, L, d)
     return [tokenizer.decode(n) for n in new]
 
 
@@ -296,16 +308,21 @@ def gathered(model):
             del model.forward
 
 
-def _shared_forward(model, seqs, group, shared, device):
+def _shared_forward(model, seqs, group, shared, device, cached=None):
     """Each group's prefix once (G, S), then each row's own tokens (B, W) after its prefix's keys/values, copied per row
-    -> prefix states (G, S, H) or None, own (B, W), their states, mask (B, S + W), cache layers, (group, shared)."""
+    -> prefix states (G, S, H) or None, own (B, W), their states, mask (B, S + W), cache layers, (group, shared).
+    cached: the prefixes' keys/values, one (layers, 2, heads, shared[g], d) per group, instead of their forward pass."""
     idx, s = torch.tensor(group, device=device), torch.tensor([[shared[g]] for g in group], device=device)  # (B, 1)
     pre_ids, pre_attn = _pad([seqs[group.index(g)][:n] for g, n in enumerate(shared)], 0, device)
     kv, h_pre = [_PrefixKV() for _ in model.base_model.layers], None
-    if pre_ids.shape[1]:
+    if cached is not None:  # (G, layers, 2, heads, S, d), zero-padded like pre_ids
+        kv = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, pre_ids.shape[1] - c.shape[-2])) for c in cached])
+        kv = [_PrefixKV(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
+    elif pre_ids.shape[1]:
         h_pre = model.base_model(input_ids=pre_ids, attention_mask=pre_attn, past_key_values=Cache(layers=kv),
                                  use_cache=True).last_hidden_state
-    rows = [_PrefixKV(*(x[idx] for x in layer.seen)) if h_pre is not None else _PrefixKV() for layer in kv]
+    rows = kv if cached is not None else \
+        [_PrefixKV(*(x[idx] for x in layer.seen)) if h_pre is not None else _PrefixKV() for layer in kv]
     ids, attn = _pad([x[shared[g]:] for x, g in zip(seqs, group)], 0, device)
     attn = torch.cat([pre_attn[idx], attn], 1)
     h_row = model.base_model(input_ids=ids, attention_mask=attn, position_ids=s + torch.arange(ids.shape[1]).to(s),

@@ -1,4 +1,5 @@
 """algos/model.py: the real embedded model, chat masking, sampling log-probs, checkpoints, argument parsing."""
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -76,14 +77,16 @@ def test_sampling_logprobs_match_the_training_forward(tiny):
     torch.testing.assert_close(logp[mask], batch["sample_logp"][mask], atol=1e-4, rtol=1e-4)
 
 
-def _two_turn_rollouts(model, tokenizer, temperature, share_prefix):
-    """3 prompts of different lengths x 3 copies; a tool turn appended to two rows, then a second generate."""
+def _two_turn_rollouts(model, tokenizer, temperature, share_prefix, keep_cache=False, turns=2):
+    """3 prompts of different lengths x 3 copies; a tool turn appended to two rows, then another generate."""
     torch.manual_seed(0)
     rollouts = start_rollouts(tokenizer, ["Hi", CONVERSATION[:2], "Tell me a story about a cat, please"], n=3)
-    generate(model, tokenizer, rollouts, 6, temperature, share_prefix=share_prefix)
-    for r in (rollouts[1], rollouts[4]):
-        append_tokens(r, tokenizer.encode("\n<|im_start|>tool\n- Output: 4183<|im_end|>\n", add_special_tokens=False))
-    generate(model, tokenizer, rollouts, 5, temperature, share_prefix=share_prefix)
+    generate(model, tokenizer, rollouts, 6, temperature, share_prefix=share_prefix, keep_cache=keep_cache)
+    for turn in range(turns - 1):
+        for r in (rollouts[1], rollouts[4 + turn]):
+            append_tokens(r, tokenizer.encode(f"\n<|im_start|>tool\n- Output: 41{turn}<|im_end|>\n",
+                                              add_special_tokens=False))
+        generate(model, tokenizer, rollouts, 5, temperature, share_prefix=share_prefix, keep_cache=keep_cache)
     return rollouts
 
 
@@ -101,6 +104,35 @@ def test_shared_prefix_sampling_matches_unshared(tiny, temperature):
     assert group == [group[0]] * 3 + [group[3]] * 3 + [group[6]] * 3 and len(set(group)) == 3
     assert sorted(length) == sorted(r.prompt_len for r in shared[::3])  # the whole prompt is shared
     assert prefix_groups([[1, 2, 3], [1, 2, 3], [9]]) == ([0, 0, 1], [2, 0])  # at most all but the last token
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kept_cache_between_turns_matches_a_fresh_prefill(tiny, temperature):
+    """keep_cache (multi-turn: a turn prefills only the tokens added since the last) samples what a fresh prefill of
+    the whole rollout samples, with the same log-probs, over three turns of rows that continue or stop at different
+    turns; the kept keys/values cover every token but the last sampled one."""
+    model, tokenizer = tiny
+    kept = _two_turn_rollouts(model, tokenizer, temperature, share_prefix=True, keep_cache=True, turns=3)
+    fresh = _two_turn_rollouts(model, tokenizer, temperature, share_prefix=True, turns=3)
+    for a, b in zip(kept, fresh):
+        assert a.token_ids == b.token_ids and a.loss_mask == b.loss_mask and a.stop_reason == b.stop_reason
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-5, atol=1e-5)
+        assert a.cache_len == len(a.token_ids) - 1 and b.cache is None
+        assert a.cache.shape == (2, 2, model.config.num_key_value_heads, a.cache_len, model.config.head_dim)
+    assert len({len(r.token_ids) - r.prompt_len for r in kept}) == 3  # rows that stopped after turn 1, 2 and 3
+    # the kept keys/values are a plain forward pass's (each row alone, fp32), and the next turn reads them
+    r = kept[1]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([r.token_ids[:r.cache_len]]), use_cache=True).past_key_values
+    for i, layer in enumerate(out.layers):
+        torch.testing.assert_close(r.cache[i, 0], layer.keys[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r.cache[i, 1], layer.values[0], rtol=1e-4, atol=1e-5)
+    right, wrong = copy.deepcopy(r), copy.deepcopy(r)
+    wrong.cache = torch.zeros_like(r.cache)
+    for x in (right, wrong):
+        append_tokens(x, tokenizer.encode("\n<|im_start|>tool\n- Output: 7<|im_end|>\n", add_special_tokens=False))
+        generate(model, tokenizer, [x], 3, 0.0)
+    assert right.logprobs[-3:] != wrong.logprobs[-3:]
 
 
 def test_shared_prefix_training_is_exact(tiny):
