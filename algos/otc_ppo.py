@@ -15,21 +15,19 @@ Differences from the paper and Search-R1, and why:
 3. Retrieval: BM25 (bm25s) over a small fictional + real-fact corpus in data/ (the paper: E5 over Wikipedia 2018).
 4. Data: data/make_otc_qa.py's knowledge-boundary QA (not NQ + HotpotQA), a known optimal call count (0, 1 or 2) per
    question; run.sh's warm start answers each memory question both directly and after a search (data/README.md).
-5. Scale: SmolLM2-135M on a CPU; run.sh's arms: GRPO, 12 steps x 4 questions x 4 rollouts, lr 2e-5 (paper: 7B, lr 1e-6).
+5. Scale: SmolLM2-135M on a CPU; run.sh's arms: GRPO, 12 steps x 4 questions x 4 rollouts, lr 2e-5 (paper: 7B, 1e-6).
 6. No correct rollout of a question yet, so no n (paper: silent): OTC-GRPO uses the OTC-PPO form (EM is 0 anyway).
-7. KL 0.001 (paper): k1 per token in PPO's reward (verl's default), a k3 loss for GRPO; no entropy bonus by default.
+7. KL 0.001 (paper; run.sh's CPU arms: 0, ~1e-5 of their loss): k1 in PPO's reward (verl), k3 loss in GRPO; no entropy.
 8. Calls: only executed searches count; a search written after the c-th one ends the rollout unexecuted.
 9. GRPO runs a question's prompt once for its G rollouts in training (algos/model.py; exact), so minibatches hold
    whole groups; micro-batches are sized in tokens. PPO runs each row alone (the value head reads its hidden states).
-10. old_logp: the sampler's (verl: an extra pass); recomputed with `--precision bf16` (sampling, greedy evaluation and
-    the trunk's passes under autocast; value head, weights, optimizer, losses fp32) as in algos/grpo_toolrl.py.
+10. old_logp: the sampler's (verl: an extra pass), recomputed with `--precision bf16` (autocast trunk, fp32 rest).
 
 Usage:
     bash run.sh otc_ppo      # data if missing (data/make_otc_qa.py), SFT warm start, EM vs OTC arms, EM/TC/TP table
     torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint> [--fsdp true] [--precision bf16]   # README.md
     python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
-Expected (run.sh's arms, 2-core AVX2 CPU, fp32): 1-3 min per step, 22-32 min per arm; 12 steps end with ~2 calls per
-question under EM and 1 under OTC (TP up, 2-hop EM lost), memory questions still searched. Measured: README.md, OTC.
+Expected (run.sh's arms, 2-core CPU): 12-17 min per arm; ~1.4 calls per question under EM, 1 under OTC (README.md).
 """
 import copy
 import json
@@ -336,7 +334,7 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
     for turn in range(args.max_calls + 1):  # generate runs the rollouts not done; add_turn (append_tokens) undoes done
         with torch.autocast(model.device.type, torch.bfloat16, enabled=args.precision == "bf16"):  # (and evaluate)
             texts = generate(model, tokenizer, rollouts, args.max_turn_tokens, temperature, stop=STOPS,
-                             batch_size=args.gen_batch_size)
+                             batch_size=args.gen_batch_size, keep_cache=turn < args.max_calls)  # next turn: new tokens
         searches, last = [], turn == args.max_calls
         for i in [i for i, f in enumerate(finished) if not f]:
             kind, content = parse_action(texts[i].split(tokenizer.eos_token)[0])
@@ -353,6 +351,8 @@ def run_episodes(model, tokenizer, questions, retriever, args, n, temperature):
             add_turn(rollouts[i], format_docs(docs))
         if all(finished):
             break
+    for r in rollouts:
+        r.cache = None  # the keys/values kept between turns
     return rollouts, episodes
 
 

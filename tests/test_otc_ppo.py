@@ -111,7 +111,7 @@ def scripted_generate(turns):
     """A stand-in for model.generate that writes the next scripted turn of every unfinished rollout."""
     state = {"turn": 0}
 
-    def fake(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(), batch_size=None):
+    def fake(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(), batch_size=None, keep_cache=False):
         text = turns[min(state["turn"], len(turns) - 1)]
         state["turn"] += 1
         out = []
