@@ -27,7 +27,7 @@ Usage:
     bash run.sh otc_ppo      # data if missing (data/make_otc_qa.py), SFT warm start, EM vs OTC arms, EM/TC/TP table
     torchrun --nproc_per_node 2 algos/otc_ppo.py --model <sft checkpoint> [--fsdp true] [--precision bf16]   # README.md
     python algos/otc_ppo.py --model tiny --total-steps 2 --prompts-per-step 2 --max-turn-tokens 8   # smoke, seconds
-Expected (run.sh's arms, 2-core CPU): 12-17 min per arm; ~1.4 calls per question under EM, 1 under OTC (README.md).
+Expected (run.sh's arms, 2-core CPU): 12-17 min per arm; 1-2 calls per question under EM, 1 under OTC (README.md).
 """
 import copy
 import json
