@@ -125,8 +125,9 @@ model, tokenizer = load_model("tiny", "cpu")
 data_parallel(model, shard=sys.argv[2] == "fsdp")
 args = Args(model="tiny", batch_size=2, max_grad_norm=0.05)  # a clip that bites: the global norm is the one clipped
 examples = tokenize(tokenizer, load_rows({train!r})[:5], 320)  # 5 rows: 3 + 2, so 2 and 1 micro-batches per rank
-# SGD, not Adam: its update is linear in the gradient, so a mis-scaled all-reduce shows in the weights. Adam's first
-# step is about lr * sign(g): it would hide a scale, and it flips on near-zero gradients whose sum order differs.
+# SGD, not Adam: its update is linear in the gradient, so a mis-weighted gradient sum shows in the weights (a uniform
+# scale is undone by the clip; grad_norm below catches it). Adam's first step is about lr * sign(g): it hides such
+# errors, and it flips on near-zero gradients whose sum order differs.
 optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 metrics, _ = train_step(model, examples, optimizer, scheduler, FiniteGuard(3), args, tokenizer.pad_token_id, "cpu",
