@@ -392,19 +392,21 @@ def greedy(model, tokenizer, rows, max_new_tokens, args):
 
 
 def evaluate(model, tokenizer, items, heldout, args, path):
-    """BFCL accuracy per category and overall, greedy held-out rewards -> (metrics, rewards); predictions in path."""
+    """BFCL accuracy per category and overall, greedy held-out rewards -> (metrics, rewards); completions written."""
     per_cat, preds = {}, []
     for it, text in zip(items, greedy(model, tokenizer, items, args.eval_max_new_tokens, args)):
         ok, error = bfcl_check(calls := parse_bfcl_calls(text), it["possible_answer"], it["tools"], it["category"])
         per_cat.setdefault(it["category"], []).append(ok)
-        preds.append(json.dumps({"id": it["id"], "category": it["category"], "correct": ok, "error": error,
-                                 "completion": text, "calls": calls}, ensure_ascii=False) + "\n")
-    if items and distributed()[0] == 0:
-        Path(path).write_text("".join(preds))
+        preds.append({"id": it["id"], "category": it["category"], "correct": ok, "error": error, "completion": text,
+                      "calls": calls})
+    texts = greedy(model, tokenizer, heldout, args.max_new_tokens, args)
+    parts = [{"id": r["id"], **toolrl_reward(t, r["ground_truth"]), "completion": t} for t, r in zip(texts, heldout)]
+    for name, rows in [(path.name, preds), ("heldout_" + path.name, parts)]:  # held-out: with their reward parts
+        if rows and distributed()[0] == 0:
+            path.with_name(name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     out = {f"bfcl/{c}": float(np.mean(v)) for c, v in sorted(per_cat.items())}
     out.update({"bfcl/overall": float(np.mean([ok for v in per_cat.values() for ok in v]))} if items else {})
-    texts = greedy(model, tokenizer, heldout, args.max_new_tokens, args)
-    rewards = [toolrl_reward(t, r["ground_truth"])["total"] for t, r in zip(texts, heldout)]
+    rewards = [p["total"] for p in parts]
     exact = [x == (4.0 if "<tool_call>" in r["ground_truth"] else 1.0) for x, r in zip(rewards, heldout)]  # best total
     decided = [("<tool_call>" in t) == ("<tool_call>" in r["ground_truth"]) for t, r in zip(texts, heldout)]  # to call?
     out.update({"heldout/reward": float(np.mean(rewards)), "heldout/exact": float(np.mean(exact)),
@@ -510,11 +512,10 @@ def main(args):
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model)
     ref_model = None if args.beta == 0 else load_model(args.model)[0] if args.resume else copy.deepcopy(model)
     data_parallel(model, shard=args.fsdp)  # torchrun: DDP or FSDP2 (--fsdp); gradients summed by sync_gradients
-    train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
+    all_train = load_jsonl(args.train_file, ["id", "tools", "dialogue", "ground_truth"])
     heldout = [r for r in load_jsonl(args.heldout_file, ["id", "tools", "dialogue", "ground_truth"])
                if fits(tokenizer, r, args.eval_max_prompt_tokens)] if args.heldout_file else []
-    n_train = len(train)
-    train = [r for r in train if fits(tokenizer, r, args.max_prompt_tokens)] if args.total_steps > 0 else []
+    train = [r for r in all_train if fits(tokenizer, r, args.max_prompt_tokens)] if args.total_steps > 0 else []
     if args.total_steps > 0 and not train:
         sys.exit(f"no training prompt fits in {args.max_prompt_tokens} tokens")
     by_cat = {}  # the file is already in a fixed hashed order: take the first n of each category that fit
@@ -522,7 +523,7 @@ def main(args):
         if fits(tokenizer, r, args.eval_max_prompt_tokens):
             by_cat.setdefault(r["category"], []).append(r)
     evals = [r for v in by_cat.values() for r in (v if args.eval_per_category < 0 else v[:args.eval_per_category])]
-    say(f"train prompts: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; held-out prompts: "
+    say(f"train prompts: {len(train)} of {len(all_train)} fit in {args.max_prompt_tokens} tokens; held-out prompts: "
         f"{len(heldout)}; eval items: " + ", ".join(f"{c} {len(v)}" for c, v in by_cat.items()))
     logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
     optimizer, guard = torch.optim.Adam(model.parameters(), lr=args.lr), FiniteGuard(args.max_bad_steps)

@@ -159,6 +159,9 @@ def test_smoke_tiny(tmp_path):
     assert len(preds) == 5 and {"id", "completion", "calls", "correct"} <= set(preds[0])
     summary = json.loads((run / "summary.json").read_text())
     assert "after/bfcl/overall" in summary and "before/bfcl/irrelevance" in summary and summary["heldout_items"] > 0
+    held = [json.loads(line) for line in open(run / "heldout_predictions.jsonl")]  # the greedy turns behind the mean
+    assert len(held) == summary["heldout_items"] and {"id", "format", "correctness", "completion"} <= set(held[0])
+    assert abs(sum(h["total"] for h in held) / len(held) - summary["after/heldout/reward"]) < 1e-9
     low, diff, high = (summary[f"after/heldout/{k}"] for k in ("diff_ci95_low", "diff", "diff_ci95_high"))
     assert low <= diff <= high
     assert -3 <= summary["before/heldout/reward"] <= 4 and 0 <= summary["after/heldout/exact"] <= 1
@@ -177,7 +180,7 @@ def test_eval_only_scores_once(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_items"] == 5 and summary["train_prompts"] == 0
     assert "before/bfcl/overall" in summary and not any(k.startswith("after/") for k in summary)
-    assert len((run / "predictions.jsonl").read_text().splitlines()) == 5
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 5 and not list(run.glob("heldout_*"))
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoint").exists()
 
 
