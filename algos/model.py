@@ -46,7 +46,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -206,51 +206,80 @@ def append_tokens(rollout, ids):
 
 @torch.no_grad()
 def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(), batch_size=None, share_prefix=True,
-             keep_cache=False):
+             keep_cache=False, prefill_tokens=8192):
     """Sample up to max_new_tokens for every rollout not done -> the new text of each. Rows that begin alike (n copies,
     later turns too) prefill that prefix once (share_prefix; same distribution). A rollout stops at EOS (kept, loss_mask
     1), at a stop string in its new text, or at the length limit. temperature=0: greedy (log-probs at temperature 1).
     keep_cache: each rollout keeps its keys/values (Rollout.cache), so its next turn, after append_tokens, prefills only
-    the tokens added since (multi-turn; the same up to float rounding); the caller sets cache = None when it is done."""
+    the tokens added since (multi-turn; the same up to float rounding); the caller sets cache = None when it is done.
+    Padding costs compute, so the prefill runs in chunks of similar length (whole prefix groups, <= prefill_tokens
+    padded tokens each) and finished rows leave the decoding batch (once a quarter of it has finished)."""
     gathered(model)  # before any early return: every process makes the same collectives
     todo, step = [r for r in rollouts if not r.done], batch_size or max(len(rollouts), 1)
     if not todo or len(todo) < len(rollouts) or len(todo) > step:  # only rollouts not done, a batch at a time
-        texts = iter([t for s in range(0, len(todo), step) for t in generate(
-            model, tokenizer, todo[s:s + step], max_new_tokens, temperature, stop, None, share_prefix, keep_cache)])
+        texts = iter([t for s in range(0, len(todo), step) for t in generate(model, tokenizer, todo[s:s + step],
+                      max_new_tokens, temperature, stop, None, share_prefix, keep_cache, prefill_tokens)])
         return [next(texts) if any(r is x for x in todo) else "" for r in rollouts]
     device, B, seqs = next(model.parameters()).device, len(rollouts), [list(r.token_ids) for r in rollouts]
     cached = all(r.cache is not None and 0 < r.cache_len < len(r.token_ids) for r in rollouts)
     group, shared = (list(range(B)), [r.cache_len for r in rollouts]) if cached else \
         prefix_groups(seqs) if share_prefix else (list(range(B)), [0] * B)
-    _, own, hidden, attn, kv, _ = _shared_forward(model, seqs, group, shared, device,  # each prefix once, then the rows
-                                                  [r.cache for r in rollouts] if cached else None)
-    logits = model.get_output_embeddings()(hidden[torch.arange(B), attn[:, -own.shape[1]:].sum(1) - 1])  # (B, V)
-    cache, kv, first = DynamicCache([layer.seen for layer in kv]), None, attn.shape[1]  # the cache alone holds them now
+    parts, head = [], model.get_output_embeddings()
+    for rows in _prefill_chunks(seqs, group, shared, prefill_tokens):  # each prefix once, then its rows' own tokens
+        gs, caches = sorted({group[i] for i in rows}), [rollouts[i].cache for i in rows] if cached else None
+        _, own, hidden, attn, kv, _ = _shared_forward(model, [seqs[i] for i in rows], [gs.index(group[i]) for i in
+                                                      rows], [shared[g] for g in gs], device, caches)
+        parts.append((rows, head(hidden[torch.arange(len(rows)), attn[:, -own.shape[1]:].sum(1) - 1]), attn,
+                      [layer.seen for layer in kv]))  # (b, V) logits of each row's last token, (b, L) mask, keys/values
+    L, back = max(p[2].shape[1] for p in parts), torch.tensor([i for p in parts for i in p[0]]).argsort().to(device)
+    right = lambda x, dim, n: torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, n - x.shape[dim]))
+    logits, attn = torch.cat([p[1] for p in parts])[back], torch.cat([right(p[2], 1, L) for p in parts])[back]
+    cache = Cache(layers=[_GrowKV(*(torch.cat([right(p[3][i][j], 2, L + max_new_tokens) for p in parts])[back]
+                                    for j in (0, 1)), L) for i in range(len(parts[0][3]))])  # rows in order
+    live, parts = torch.arange(B, device=device), None  # batch row -> rollout
     pos = torch.tensor([[len(x)] for x in seqs], device=device)  # (B, 1): the next token's position
     new = [[] for _ in range(B)]
     tail = max([len(tokenizer.encode(s, add_special_tokens=False)) for s in stop] + [0]) + 2
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)  # (B, V)
+        logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)  # (b, V)
         nxt = logits.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
         chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
-        for b, r in [(b, r) for b, r in enumerate(rollouts) if not r.done]:
-            t = int(nxt[b])
-            r.token_ids.append(t), r.loss_mask.append(1), r.logprobs.append(chosen[b]), new[b].append(t)
+        for j, b in [(j, b) for j, b in enumerate(live.tolist()) if not rollouts[b].done]:
+            r, t = rollouts[b], int(nxt[j])
+            r.token_ids.append(t), r.loss_mask.append(1), r.logprobs.append(chosen[j]), new[b].append(t)
             hit = stop and any(s in tokenizer.decode(new[b][-tail:]) for s in stop)
             r.stop_reason = "eos" if t == tokenizer.eos_token_id else "stop" if hit else \
                 "length" if len(new[b]) == max_new_tokens else ""
             r.done = bool(r.stop_reason)
-        if all(r.done for r in rollouts):
+            if r.done and keep_cache:  # the keys/values of its tokens but the last sampled one (never fed)
+                cols = attn[j].nonzero()[:, 0]
+                r.cache, r.cache_len = torch.stack([torch.stack([x.keys[j][:, cols], x.values[j][:, cols]])
+                                                    for x in cache.layers]), len(cols)  # (layers, 2, heads, L, d)
+        keep = torch.tensor([not rollouts[b].done for b in live.tolist()], device=device)
+        if not keep.any():
             break
-        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
+        if 4 * int((~keep).sum()) >= len(keep):  # a copy of the cache, paid back by the rows no longer computed
+            live, nxt, attn, pos, idx = live[keep], nxt[keep], attn[keep], pos[keep], keep.nonzero()[:, 0]
+            cache.reorder_cache(idx)
+        attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
         logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
                        use_cache=True).logits[:, -1]
         pos = pos + 1
-    for b, r in enumerate(rollouts if keep_cache else []):  # row b's tokens but the last sampled one (never fed)
-        cols = torch.cat([attn[b, :first].nonzero()[:, 0], first + torch.arange(len(new[b]) - 1, device=device)])
-        r.cache, r.cache_len = torch.stack([torch.stack([x.keys[b][:, cols], x.values[b][:, cols]])
-                                            for x in cache.layers]), len(cols)  # (layers, 2, heads, L, d)
     return [tokenizer.decode(n) for n in new]
+
+
+def _prefill_chunks(seqs, group, shared, budget):
+    """Row indices of whole prefix groups, by prefix length, in chunks that pad to <= budget tokens (or one group):
+    a chunk runs its prefixes padded to the longest, then its rows' own tokens padded to the longest."""
+    chunks = []  # [prefixes, rows, longest own part]
+    for g in sorted(set(group), key=lambda g: shared[g]):
+        rows = [i for i, x in enumerate(group) if x == g]
+        own, c = max(len(seqs[i]) - shared[g] for i in rows), chunks[-1] if chunks else None
+        if c and (c[0] + 1) * shared[g] + (len(c[1]) + len(rows)) * max(c[2], own) <= budget:
+            chunks[-1] = [c[0] + 1, c[1] + rows, max(c[2], own)]
+        else:
+            chunks.append([1, rows, own])
+    return [c[1] for c in chunks]
 
 
 def collate(rollouts, pad_id, device=None):
@@ -287,6 +316,26 @@ class _PrefixKV(DynamicLayer):
         self.seen = (key_states, value_states) if not self.is_initialized else (
             torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2))
         return self.seen
+
+
+class _GrowKV(DynamicLayer):
+    """Decoding's cache layer: keys/values (B, heads, L, d), the first n of L filled (right padding masked), each new
+    token written in place (DynamicLayer's torch.cat copies the whole cache per token: ~20% of a CPU decoding step)."""
+    def __init__(self, keys, values, n):
+        super().__init__()
+        self.buf, self.n, self.is_initialized = [keys, values], n, True
+        self.reorder_cache(None)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        for buf, x in zip(self.buf, (key_states, value_states)):
+            buf[..., self.n:self.n + x.shape[-2], :] = x
+        self.n += key_states.shape[-2]
+        return self.reorder_cache(None)
+
+    def reorder_cache(self, rows):  # keep these batch rows (None: all)
+        self.buf = self.buf if rows is None else [x[rows] for x in self.buf]
+        self.keys, self.values = (x[..., :self.n, :] for x in self.buf)
+        return self.keys, self.values
 
 
 def _pad(rows, pad_id, device):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from algos.model import (RunLogger, append_tokens, arg, collate, encode_chat, generate, load_model, parse_args,
-                         prefix_groups, render_chat, save_checkpoint, sequence_logprobs, shared_prefix_logprobs,
+from algos.model import (RunLogger, _prefill_chunks, append_tokens, arg, collate, encode_chat, generate, load_model,
+                         parse_args, prefix_groups, render_chat, save_checkpoint, sequence_logprobs, shared_prefix_logprobs,
                          start_rollouts)
 
 CONVERSATION = [
@@ -77,26 +77,28 @@ def test_sampling_logprobs_match_the_training_forward(tiny):
     torch.testing.assert_close(logp[mask], batch["sample_logp"][mask], atol=1e-4, rtol=1e-4)
 
 
-def _two_turn_rollouts(model, tokenizer, temperature, share_prefix, keep_cache=False, turns=2):
+def _two_turn_rollouts(model, tokenizer, temperature, share_prefix, keep_cache=False, turns=2, prefill_tokens=8192):
     """3 prompts of different lengths x 3 copies; a tool turn appended to two rows, then another generate."""
     torch.manual_seed(0)
     rollouts = start_rollouts(tokenizer, ["Hi", CONVERSATION[:2], "Tell me a story about a cat, please"], n=3)
-    generate(model, tokenizer, rollouts, 6, temperature, share_prefix=share_prefix, keep_cache=keep_cache)
+    kw = dict(share_prefix=share_prefix, keep_cache=keep_cache, prefill_tokens=prefill_tokens)
+    generate(model, tokenizer, rollouts, 6, temperature, **kw)
     for turn in range(turns - 1):
         for r in (rollouts[1], rollouts[4 + turn]):
             append_tokens(r, tokenizer.encode(f"\n<|im_start|>tool\n- Output: 41{turn}<|im_end|>\n",
                                               add_special_tokens=False))
-        generate(model, tokenizer, rollouts, 5, temperature, share_prefix=share_prefix, keep_cache=keep_cache)
+        generate(model, tokenizer, rollouts, 5, temperature, **kw)
     return rollouts
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_shared_prefix_sampling_matches_unshared(tiny, temperature):
     """Prefilling each distinct prefix once and copying its keys/values samples the same tokens (same seed) with the
-    same log-probs as running every row on its own, over two turns with padding and different prompt lengths."""
+    same log-probs as running every row on its own, over two turns with padding and different prompt lengths; here
+    also each row prefilled in a chunk of its own (prefill_tokens=1), their caches padded into one decoding batch."""
     model, tokenizer = tiny
     shared = _two_turn_rollouts(model, tokenizer, temperature, share_prefix=True)
-    alone = _two_turn_rollouts(model, tokenizer, temperature, share_prefix=False)
+    alone = _two_turn_rollouts(model, tokenizer, temperature, share_prefix=False, prefill_tokens=1)
     for a, b in zip(shared, alone):
         assert a.token_ids == b.token_ids and a.loss_mask == b.loss_mask and a.stop_reason == b.stop_reason
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-5, atol=1e-5)
@@ -133,6 +135,16 @@ def test_kept_cache_between_turns_matches_a_fresh_prefill(tiny, temperature):
         append_tokens(x, tokenizer.encode("\n<|im_start|>tool\n- Output: 7<|im_end|>\n", add_special_tokens=False))
         generate(model, tokenizer, [x], 3, 0.0)
     assert right.logprobs[-3:] != wrong.logprobs[-3:]
+
+
+def test_prefill_chunks_keep_groups_whole_and_sort_by_length():
+    """Chunks of whole prefix groups by prefix length, each padding to <= budget tokens unless one group is more."""
+    seqs = [[1] * 10] * 3 + [[2] * 4] * 2 + [[3] * 30] + [[4] * 5]
+    group, shared = [0, 0, 0, 1, 1, 2, 3], [9, 3, 29, 4]
+    assert _prefill_chunks(seqs, group, shared, 10_000) == [[3, 4, 6, 0, 1, 2, 5]]
+    # a chunk's cost: prefixes x longest prefix + rows x longest own part; groups 1 and 3 together: 2x4 + 3x1 = 11
+    assert _prefill_chunks(seqs, group, shared, 11) == [[3, 4, 6], [0, 1, 2], [5]]
+    assert _prefill_chunks(seqs, group, shared, 1) == [[3, 4], [6], [0, 1, 2], [5]]
 
 
 def test_shared_prefix_training_is_exact(tiny):
