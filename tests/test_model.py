@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from algos.model import (RunLogger, _prefill_chunks, append_tokens, arg, collate, encode_chat, generate, load_model,
-                         parse_args, prefix_groups, render_chat, save_checkpoint, sequence_logprobs, shared_prefix_logprobs,
-                         start_rollouts)
+                         parse_args, prefix_groups, render_chat, save_checkpoint, sequence_logprobs,
+                         shared_prefix_logprobs, start_rollouts)
 
 CONVERSATION = [
     {"role": "system", "content": "You may use tools."},
