@@ -157,7 +157,7 @@ def trl_worker(args, out_dir):
     from trl import GRPOTrainer
     from transformers import TrainerCallback
 
-    from algos.grpo_toolrl import build_messages, fits, load_jsonl, strip_eos, toolrl_reward
+    from algos.grpo_toolrl import build_messages, fits, load_jsonl, toolrl_reward
     from algos.model import load_model
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
@@ -168,7 +168,7 @@ def trl_worker(args, out_dir):
 
     def reward(completions, ground_truth, **kwargs):  # TRL passes conversational completions and dataset columns
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [toolrl_reward(strip_eos(t, tokenizer), gt)["total"] for t, gt in zip(texts, ground_truth)]
+        return [toolrl_reward(t.split(tokenizer.eos_token)[0], gt)["total"] for t, gt in zip(texts, ground_truth)]
 
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward, args=trl_config(args, out_dir),
                           train_dataset=data)

@@ -69,7 +69,7 @@ class Args:
     group_size: int = arg(4, "samples per prompt G (paper: 4); a group of one has no baseline", low=2)
     max_new_tokens: int = arg(0, "completion length limit; 0 = auto: 80 on CPU, 512 on GPU (paper: 1024)", low=0)
     max_prompt_tokens: int = arg(0, "drop training prompts longer than this; 0 = auto: 320 CPU, 2048 GPU", low=0)
-    eval_max_prompt_tokens: int = arg(0, "drop BFCL items longer than this; 0 = auto: 512 CPU, 4096 GPU", low=0)
+    eval_max_prompt_tokens: int = arg(0, "drop BFCL/held-out prompts longer; 0 = auto: 512 CPU, 4096 GPU", low=0)
     temperature: float = arg(1.0, "sampling temperature (paper: 1.0)", check=lambda t: t <= 0 and "must be > 0")
     lr: float = arg(1e-5, "Adam learning rate (paper: 1e-6 for 1.5B-7B models and ~105 steps)", low=0)
     num_minibatches: int = arg(2, "optimizer steps per rollout batch (paper: batch 512 / minibatch 128 = 4)", low=1)
@@ -103,8 +103,7 @@ class Args:
     eval_per_category: int = arg(0, "BFCL items per category (hashed subset); 0 = auto: 6 CPU, all GPU; -1 all", low=-1)
     eval_max_new_tokens: int = arg(0, "greedy tokens at BFCL evaluation; 0 = auto: 128 on CPU, 1024 on GPU", low=0)
     gen_batch_size: int = arg(32, "sequences per generation batch", low=1)
-    heldout_file: str = arg(GEN + "toolrl_dev.jsonl", "held-out live prompts (those that fit eval_max_prompt_tokens): "
-                            "greedy reward; '' = none", check=data_file)
+    heldout_file: str = arg(GEN + "toolrl_dev.jsonl", "held-out prompts: greedy reward; '' = none", check=data_file)
     eval_only: bool = arg(False, "only measure BFCL accuracy of --model (no training)")
     save_model: bool = arg(True, "save the trained model to <run>/checkpoint (resumable, as --save-every)")
     save_every: int = arg(0, "save the resumable <run>/checkpoint every N steps (0: at the end only)", low=0)
@@ -374,43 +373,47 @@ def fits(tokenizer, row, max_tokens):  # the prompt's tokens, as sampling sees t
     return start_rollouts(tokenizer, [build_messages(row["tools"], row["dialogue"])])[0].prompt_len <= max_tokens
 
 
-def strip_eos(text, tokenizer):
-    return text.split(tokenizer.eos_token)[0]
-
-
 # ---------------------------------------------------------------- rollout and evaluation
 @torch.no_grad()
 def greedy(model, tokenizer, rows, max_new_tokens, args):
-    """Greedy completions (EOS cut) of records, in order, batched by prompt length; torchrun: every world-th each."""
+    """(greedy completion (EOS cut), call log-odds: log p(<tool_call>) - log p(<response>) where it first picks one
+    after </think>, else None) of each record, in order, batched by prompt length; torchrun: every world-th each."""
     rank, world = distributed()
     rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in rows[rank::world]])
+    tags = [tokenizer.encode(t, add_special_tokens=False) for t in ("<tool_call>", "<response>")]
+    choice = next((a, b) for a, b in zip(*tags) if a != b)  # the tokens where the two tags part: the decision
     with torch.autocast(model.device.type, torch.bfloat16, enabled=args.precision == "bf16"):  # before = after
         generate(model, tokenizer, sorted(rollouts, key=lambda r: r.prompt_len), max_new_tokens, 0.0,
-                 batch_size=args.gen_batch_size)
-    texts = gather([strip_eos(tokenizer.decode(r.completion_ids), tokenizer) for r in rollouts])
-    return [texts[i % world][i // world] for i in range(len(rows))]
+                 batch_size=args.gen_batch_size, watch=choice)
+    odds = [next((w[0] - w[1] for k, (t, w) in enumerate(zip(r.completion_ids, r.watched))
+                  if t in choice and "</think>" in tokenizer.decode(r.completion_ids[:k])), None) for r in rollouts]
+    out = gather(list(zip([tokenizer.decode(r.completion_ids).split(tokenizer.eos_token)[0] for r in rollouts], odds)))
+    return [out[i % world][i // world] for i in range(len(rows))]
 
 
 def evaluate(model, tokenizer, items, heldout, args, path):
     """BFCL accuracy per category and overall, greedy held-out rewards -> (metrics, rewards); completions written."""
     per_cat, preds = {}, []
-    for it, text in zip(items, greedy(model, tokenizer, items, args.eval_max_new_tokens, args)):
+    for it, (text, _) in zip(items, greedy(model, tokenizer, items, args.eval_max_new_tokens, args)):
         ok, error = bfcl_check(calls := parse_bfcl_calls(text), it["possible_answer"], it["tools"], it["category"])
         per_cat.setdefault(it["category"], []).append(ok)
         preds.append({"id": it["id"], "category": it["category"], "correct": ok, "error": error, "completion": text,
                       "calls": calls})
-    texts = greedy(model, tokenizer, heldout, args.max_new_tokens, args)
-    parts = [{"id": r["id"], **toolrl_reward(t, r["ground_truth"]), "completion": t} for t, r in zip(texts, heldout)]
+    texts, odds = zip(*greedy(model, tokenizer, heldout, args.max_new_tokens, args)) if heldout else ((), ())
+    parts = [{"id": r["id"], **toolrl_reward(t, r["ground_truth"]), "call_logodds": o, "completion": t}
+             for t, o, r in zip(texts, odds, heldout)]
     for name, rows in [(path.name, preds), ("heldout_" + path.name, parts)]:  # held-out: with their reward parts
         if rows and distributed()[0] == 0:
             path.with_name(name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     out = {f"bfcl/{c}": float(np.mean(v)) for c, v in sorted(per_cat.items())}
     out.update({"bfcl/overall": float(np.mean([ok for v in per_cat.values() for ok in v]))} if items else {})
-    rewards = [p["total"] for p in parts]
-    exact = [x == (4.0 if "<tool_call>" in r["ground_truth"] else 1.0) for x, r in zip(rewards, heldout)]  # best total
-    decided = [("<tool_call>" in t) == ("<tool_call>" in r["ground_truth"]) for t, r in zip(texts, heldout)]  # to call?
+    rewards, needs = [p["total"] for p in parts], ["<tool_call>" in r["ground_truth"] for r in heldout]
+    exact = [x == (4.0 if n else 1.0) for x, n in zip(rewards, needs)]  # the best total
+    decided = [("<tool_call>" in t) == n for t, n in zip(texts, needs)]  # calls exactly where the reference does
+    pos, neg = ([o for o, n in zip(odds, needs) if o is not None and n == c] for c in (True, False))
+    auc = float(np.mean([(a > b) + (a == b) / 2 for a in pos for b in neg])) if pos and neg else None  # AUC of odds
     out.update({"heldout/reward": float(np.mean(rewards)), "heldout/exact": float(np.mean(exact)),
-                "heldout/call_decision": float(np.mean(decided))} if heldout else {})
+                "heldout/call_decision": float(np.mean(decided)), "heldout/call_auc": auc} if heldout else {})
     return out, rewards
 
 
@@ -529,9 +532,6 @@ def main(args):
     optimizer, guard = torch.optim.Adam(model.parameters(), lr=args.lr), FiniteGuard(args.max_bad_steps)
     B, G, b = args.prompts_per_step, args.group_size, args.prompts_per_step // world  # b: prompts per process
     if args.resume:  # the model came from the checkpoint; now the optimizer, prompt position, guard and 'before'
-        saved = json.loads((logger.dir / "args.json").read_text()).items()
-        if changed := {k: (v, getattr(args, k)) for k, v in saved if k != "resume" and getattr(args, k) != v}:
-            say(f"warning: resumed with arguments other than in args.json (was, now): {changed}", file=sys.stderr)
         state = logger.restore(optimizer)
         start, before, heldout_before = state["step"] + 1, state["before"], state["heldout"]
         guard.in_a_row, guard.skipped = state["guard"]
@@ -550,7 +550,7 @@ def main(args):
         t0 = time.time()
         rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in batch], n=G)
         with torch.autocast(model.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-            texts = [strip_eos(t, tokenizer) for t in generate(model, tokenizer, rollouts, args.max_new_tokens,
+            texts = [t.split(tokenizer.eos_token)[0] for t in generate(model, tokenizer, rollouts, args.max_new_tokens,
                      args.temperature, batch_size=args.gen_batch_size, share_prefix=args.shared_prefix)]
         t_gen = time.time() - t0
         # 2. rewards: named components per completion; then those of all processes (in prompt order)

@@ -182,6 +182,7 @@ class Rollout:
     stop_reason: str = ""  # "eos", "stop" (a stop string) or "length"
     cache: object = None  # generate(keep_cache=True): keys/values of token_ids[:cache_len], (layers, 2, heads, L, d)
     cache_len: int = 0
+    watched: list = field(default_factory=list)  # generate(watch=ids): those ids' log-probs at each sampled token
 
     @property
     def completion_ids(self):
@@ -206,19 +207,20 @@ def append_tokens(rollout, ids):
 
 @torch.no_grad()
 def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(), batch_size=None, share_prefix=True,
-             keep_cache=False, prefill_tokens=8192):
+             keep_cache=False, prefill_tokens=8192, watch=()):
     """Sample up to max_new_tokens for every rollout not done -> the new text of each. Rows that begin alike (n copies,
     later turns too) prefill that prefix once (share_prefix; same distribution). A rollout stops at EOS (kept, loss_mask
     1), at a stop string in its new text, or at the length limit. temperature=0: greedy (log-probs at temperature 1).
     keep_cache: each rollout keeps its keys/values (Rollout.cache), so its next turn, after append_tokens, prefills only
     the tokens added since (multi-turn; the same up to float rounding); the caller sets cache = None when it is done.
+    watch: token ids whose log-probs (as logprobs') each sampled token appends to Rollout.watched (a decision's odds).
     Padding costs compute, so the prefill runs in chunks of similar length (whole prefix groups, <= prefill_tokens
     padded tokens each) and finished rows leave the decoding batch (once a quarter of it has finished)."""
     gathered(model)  # before any early return: every process makes the same collectives
     todo, step = [r for r in rollouts if not r.done], batch_size or max(len(rollouts), 1)
     if not todo or len(todo) < len(rollouts) or len(todo) > step:  # only rollouts not done, a batch at a time
         texts = iter([t for s in range(0, len(todo), step) for t in generate(model, tokenizer, todo[s:s + step],
-                      max_new_tokens, temperature, stop, None, share_prefix, keep_cache, prefill_tokens)])
+                      max_new_tokens, temperature, stop, None, share_prefix, keep_cache, prefill_tokens, watch)])
         return [next(texts) if any(r is x for x in todo) else "" for r in rollouts]
     device, B, seqs = next(model.parameters()).device, len(rollouts), [list(r.token_ids) for r in rollouts]
     cached = all(r.cache is not None and 0 < r.cache_len < len(r.token_ids) for r in rollouts)
@@ -243,10 +245,11 @@ def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(
     for _ in range(max_new_tokens):
         logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)  # (b, V)
         nxt = logits.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
-        chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        chosen, seen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist(), logp[:, list(watch)].tolist()
         for j, b in [(j, b) for j, b in enumerate(live.tolist()) if not rollouts[b].done]:
             r, t = rollouts[b], int(nxt[j])
             r.token_ids.append(t), r.loss_mask.append(1), r.logprobs.append(chosen[j]), new[b].append(t)
+            r.watched += [seen[j]] if watch else []
             hit = stop and any(s in tokenizer.decode(new[b][-tail:]) for s in stop)
             r.stop_reason = "eos" if t == tokenizer.eos_token_id else "stop" if hit else \
                 "length" if len(new[b]) == max_new_tokens else ""
@@ -521,7 +524,8 @@ def _step(line):
 
 class RunLogger:
     """runs/<exp_name>__<seed>__<unix time>/ with args.json, metrics.jsonl (one dict per step), summary.json and the
-    resumable checkpoint/; resume=RUN_DIR continues that folder. In a torchrun job only rank 0 writes and prints."""
+    resumable checkpoint/; resume=RUN_DIR continues that folder (other arguments than its args.json are allowed, more
+    steps..., and said on stderr; output_dir is not compared). In a torchrun job only rank 0 writes and prints."""
 
     def __init__(self, exp_name, seed, args, root="runs", resume=""):
         self.start, self.main = time.time(), not dist.is_initialized() or dist.get_rank() == 0
@@ -530,6 +534,12 @@ class RunLogger:
         old = sorted(self.dir.glob("checkpoint.old*"))  # killed between save_checkpoint's two renames: take it back
         if resume and self.main and old and not (self.dir / "checkpoint").exists():
             old[-1].rename(self.dir / "checkpoint")
+        if resume and self.main and (self.dir / "args.json").exists():
+            then, now = json.loads((self.dir / "args.json").read_text()), dataclasses.asdict(args)
+            if changed := {k: (then.get(k), v) for k, v in now.items() if k not in ("resume", "output_dir") and
+                           then.get(k) != v}:
+                print(f"warning: resuming {self.dir} with other arguments than its args.json (then, now): {changed}",
+                      file=sys.stderr)
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / f"args{f'.resumed{int(self.start)}' if resume else ''}.json").write_text(

@@ -536,9 +536,6 @@ def main(args):
         [] if value_head is None else [{"params": value_head.parameters(), "lr": args.critic_lr}]))
     objects, guard = [optimizer] + [value_head] * (value_head is not None), FiniteGuard(args.max_bad_steps)
     if args.resume:  # the model came from the checkpoint; now optimizer, value head, call history, guard, 'before'
-        saved = json.loads((logger.dir / "args.json").read_text()).items()
-        if changed := {k: (v, getattr(args, k)) for k, v in saved if k != "resume" and getattr(args, k, v) != v}:
-            say(f"warning: resumed with arguments other than in args.json (was, now): {changed}", file=sys.stderr)
         state = logger.restore(*objects)
         start, before, best_calls, (guard.in_a_row, guard.skipped) = state["step"] + 1, state["before"], \
             state["best_calls"], state["guard"]

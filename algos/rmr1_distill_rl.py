@@ -50,7 +50,6 @@ both orders, 0% position consistency, on the synthetic and the HHH pairs alike; 
 Measured (README.md): 87 min for the three stages on the shared, busy machine (39 min of it the base evaluation).
 """
 import copy
-import dataclasses
 import hashlib
 import json
 import random
@@ -443,12 +442,6 @@ def main(args):
             eval_sets[prefix] = eval_subset(tokenizer, load_pairs(path), n, args.eval_max_prompt_tokens)
     say(f"train pairs: {len(train)} of {n_train} fit in {args.max_prompt_tokens} tokens; eval pairs (x2 orders): "
         + ", ".join(f"{k} {len(v)}" for k, v in eval_sets.items()))
-    if args.resume and rank == 0:
-        saved, now = json.loads((Path(args.resume) / "args.json").read_text()), dataclasses.asdict(args)
-        changed = {k: [saved.get(k), v] for k, v in now.items() if k != "resume" and saved.get(k) != v}
-        if changed:
-            print(f"warning: resuming {args.resume} with other arguments than its args.json ([then, now]): "
-                  f"{changed}", file=sys.stderr)
     logger = RunLogger(args.exp_name, args.seed, args, root=args.runs_dir, resume=args.resume)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     guard = FiniteGuard(args.max_bad_steps)

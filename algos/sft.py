@@ -443,24 +443,12 @@ def agentic_eval(model, tokenizer, rows, max_new_tokens, max_tool_calls, code_ti
 
 
 # ---------------------------------------------------------------- training
-def warn_changed_args(run_dir, args):
-    """Resuming with other arguments than the run's args.json is allowed (more steps...), but said on stderr
-    (--output-dir is not compared: the run continues in RUN_DIR)."""
-    saved = json.loads((Path(run_dir) / "args.json").read_text()) if (Path(run_dir) / "args.json").exists() else {}
-    changed = {k: (saved[k], v) for k, v in vars(args).items() if k in saved and k not in ("resume", "output_dir")
-               and saved[k] != v}
-    if changed:
-        print(f"warning: resuming {run_dir} with other arguments (saved -> now): {changed}", file=sys.stderr)
-
-
 def main(args):
     rank, world = distributed()  # torchrun: join the process group (before load_model); else (0, 1)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)  # no sampling: same on all ranks
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train_rows = select_rows(load_rows(args.train_file), args.select, args.select_size, args.seed)
     eval_rows = load_rows(args.eval_file) if args.eval_file else []
-    if args.resume:
-        warn_changed_args(args.resume, args)
     model, tokenizer = load_model(str(Path(args.resume) / "checkpoint") if args.resume else args.model, device)
     data_parallel(model, shard=args.fsdp)  # torchrun: DDP or FSDP2 (--fsdp); gradients summed in sync_gradients
     pad = tokenizer.pad_token_id

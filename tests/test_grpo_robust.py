@@ -121,7 +121,7 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     resumed = subprocess.run(command(tmp_path, "cut", "--save-every", "3", "--resume", str(run)), cwd=ROOT,
                              capture_output=True, text=True, timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "warning: resumed with arguments other than in args.json" in resumed.stderr and "save_every" in \
+    assert "warning: resuming" in resumed.stderr and "'save_every': (1, 3)" in \
         resumed.stderr and "resumed " in resumed.stdout
     expected, got = metrics(next(tmp_path.glob("full__1__*"))), metrics(run)
     assert [r["step"] for r in got] == [0, 1, 2] and got[0]["skipped_steps"] == 0 and got[2]["approx_kl"] > 0

@@ -300,7 +300,7 @@ def test_greedy_batches_by_length_but_returns_rows_in_order(monkeypatch):
     tok = load_model("tiny", device="cpu")[1]
     seen = []
 
-    def answer_with_length(model, tokenizer, rollouts, max_new_tokens, temperature, batch_size=None):
+    def answer_with_length(model, tokenizer, rollouts, max_new_tokens, temperature, batch_size=None, watch=()):
         seen.append([r.prompt_len for r in rollouts])
         for r in rollouts:
             r.token_ids += tokenizer.encode(f" {r.prompt_len}", add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -310,4 +310,41 @@ def test_greedy_batches_by_length_but_returns_rows_in_order(monkeypatch):
     texts = g.greedy(types.SimpleNamespace(device=torch.device("cpu")), tok, rows, 4, Args())
     lengths = [start_rollouts(tok, [g.build_messages(r["tools"], r["dialogue"])])[0].prompt_len for r in rows]
     assert seen == [sorted(lengths)] and len(set(lengths)) == 4
-    assert [t.strip() for t in texts] == [str(n) for n in lengths]  # EOS cut, each row its own answer
+    assert [t.strip() for t, _ in texts] == [str(n) for n in lengths]  # EOS cut, each row its own answer
+
+
+def test_call_logodds_are_read_at_the_first_pick_after_think_and_ranked_by_auc(monkeypatch, tmp_path):
+    """greedy() reads log p(<tool_call>) - log p(<response>) where a completion first picks one of the two after
+    </think> (a bare "tool" token inside <think> does not count; no pick: None); evaluate() reports how well those
+    log-odds rank the prompts that need a call above the others (call_auc) and writes each with its prediction."""
+    import types
+
+    import algos.grpo_toolrl as g
+    from algos.model import load_model
+    tok = load_model("tiny", device="cpu")[1]
+    call, reply = '<tool_call>\n{"name": "area", "parameters": {"base": 10}}\n</tool_call>', "<response>ok</response>"
+    rows = {"a": ("<think>tool</think>\n" + call, 0, call), "b": ("<think>x</think>\n" + reply, -20, reply),
+            "c": ("no tags at all", 0, call), "d": ("<think>y</think>\n" + reply, 5, reply),
+            "e": ("<think>w</think>\n" + call, 10, call)}  # name: (completion, offset of its log-odds, reference)
+
+    def fake_generate(model, tokenizer, rollouts, max_new_tokens, temperature, batch_size=None, watch=()):
+        for r in rollouts:
+            text, offset, _ = next(v for k, v in rows.items() if f"ask {k}<" in tokenizer.decode(r.token_ids))
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            r.token_ids += ids
+            r.watched += [[k + offset, 0.0] for k in range(len(ids))]  # log-odds k + offset at position k
+
+    monkeypatch.setattr(g, "generate", fake_generate)
+    choice = [tok.encode(t, add_special_tokens=False)[1] for t in ("<tool_call>", "<response>")]
+    picks = {k: [i for i, t in enumerate(tok.encode(v[0], add_special_tokens=False)) if t in choice] for k, v in
+             rows.items()}
+    assert picks["a"][:2] == [3, 9] and all(picks[k][0] == 9 for k in "bde") and not picks["c"]  # a: "tool" in <think>
+    want = [9 + v[1] if picks[k] else None for k, v in rows.items()]  # the pick after </think> is token 9 in each
+    heldout = [{"id": k, "tools": TOOLS, "dialogue": [{"role": "user", "content": f"ask {k}"}],
+                "ground_truth": "<think>.</think>\n" + v[2]} for k, v in rows.items()]
+    out, rewards = g.evaluate(types.SimpleNamespace(device=torch.device("cpu")), tok, [], heldout, Args(),
+                              tmp_path / "predictions.jsonl")
+    assert want == [9, -11, None, 14, 19]
+    assert out["heldout/call_auc"] == 0.75  # calls 9, 19 against no-calls -11, 14: 3 of 4 pairs in order
+    saved = [json.loads(x) for x in (tmp_path / "heldout_predictions.jsonl").read_text().splitlines()]
+    assert [x["call_logodds"] for x in saved] == want and out["heldout/call_decision"] == 0.8  # c: no call

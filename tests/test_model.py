@@ -77,6 +77,22 @@ def test_sampling_logprobs_match_the_training_forward(tiny):
     torch.testing.assert_close(logp[mask], batch["sample_logp"][mask], atol=1e-4, rtol=1e-4)
 
 
+def test_watched_logprobs_are_those_of_a_forward_pass(tiny):
+    """generate(watch=ids) keeps, at each sampled token, the log-probs of those ids under the sampling distribution
+    (temperature 0.7): those of a fresh forward pass at that position, padding and prompt lengths notwithstanding."""
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = start_rollouts(tokenizer, [CONVERSATION[:2], "Hi"], n=2)
+    watch = (5, 17, tokenizer.eos_token_id)
+    generate(model, tokenizer, rollouts, 6, temperature=0.7, watch=watch)
+    for r in rollouts:
+        assert len(r.watched) == len(r.token_ids) - r.prompt_len > 0
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([r.token_ids])).logits[0, r.prompt_len - 1:-1].float() / 0.7
+        want = torch.log_softmax(logits, -1)[:, list(watch)]  # (new tokens, 3)
+        torch.testing.assert_close(torch.tensor(r.watched), want, atol=1e-4, rtol=1e-4)
+
+
 def _two_turn_rollouts(model, tokenizer, temperature, share_prefix, keep_cache=False, turns=2, prefill_tokens=8192):
     """3 prompts of different lengths x 3 copies; a tool turn appended to two rows, then another generate."""
     torch.manual_seed(0)

@@ -85,7 +85,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     resumed = subprocess.run(cmd + ["--runs-dir", str(tmp_path / "b"), "--resume", str(run), "--exp-name", "x"],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "warning: resuming" in resumed.stderr and "'exp_name': ['res', 'x']" in resumed.stderr
+    assert "warning: resuming" in resumed.stderr and "'exp_name': ('res', 'x')" in resumed.stderr
     assert whole.wait(240) == 0, whole.stderr.read()[-3000:]
     want, got = rows_of(next(tmp_path.glob("a/res__1__*"))), rows_of(run)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(5))
@@ -203,7 +203,7 @@ def test_torchrun_smoke_tiny(tmp_path):
     more = subprocess.run(cmd + ["--total-steps", "3", "--resume", str(runs[0])], cwd=ROOT, env=ENV,  # last wins
                           capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, (more.stdout + more.stderr)[-3000:]
-    assert "'total_steps': [2, 3]" in more.stderr and "before:" not in more.stdout
+    assert "'total_steps': (2, 3)" in more.stderr and "before:" not in more.stdout
     assert [r["step"] for r in rows_of(runs[0])] == [0, 1, 2]
     resumed = json.loads((runs[0] / "summary.json").read_text())
     assert resumed["before/synth/acc"] == summary["before/synth/acc"] and resumed["after/synth/pairs"] == 4

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import algos.sft as sft
-from algos.model import FiniteGuard, load_model, parse_args
-from algos.sft import Args, load_rows, tokenize, train_step, warn_changed_args
+from algos.model import FiniteGuard, RunLogger, load_model, parse_args
+from algos.sft import Args, load_rows, tokenize, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "data" / "smart_er_train.jsonl"
@@ -46,11 +46,11 @@ def test_a_bad_argument_stops_the_command_line_before_any_model_loads(tmp_path):
 
 def test_changed_arguments_on_resume_are_warned_about(tmp_path, capsys):
     (tmp_path / "args.json").write_text(json.dumps({**vars(Args()), "max_steps": 10}))
-    warn_changed_args(tmp_path, Args(max_steps=10, resume=str(tmp_path)))
-    assert capsys.readouterr().err == ""
-    warn_changed_args(tmp_path, Args(max_steps=20, lr=1e-3))
+    RunLogger("sft", 1, Args(max_steps=10, resume=str(tmp_path), output_dir="elsewhere"), resume=str(tmp_path))
+    assert capsys.readouterr().err == ""  # resume and output_dir are not compared
+    RunLogger("sft", 1, Args(max_steps=20, lr=1e-3), resume=str(tmp_path))
     err = capsys.readouterr().err
-    assert "warning" in err and "'max_steps': (10, 20)" in err and "lr" in err
+    assert "warning: resuming" in err and "'max_steps': (10, 20)" in err and "'lr': (0.0001, 0.001)" in err
 
 
 def rows(run):
