@@ -377,7 +377,7 @@ def fits(tokenizer, row, max_tokens):  # the prompt's tokens, as sampling sees t
 @torch.no_grad()
 def greedy(model, tokenizer, rows, max_new_tokens, args):
     """(greedy completion (EOS cut), call log-odds: log p(<tool_call>) - log p(<response>) where it first picks one
-    after </think>, else None) of each record, in order, batched by prompt length; torchrun: every world-th each."""
+    outside <think>, else None) of each record, in order, batched by prompt length; torchrun: every world-th each."""
     rank, world = distributed()
     rollouts = start_rollouts(tokenizer, [build_messages(r["tools"], r["dialogue"]) for r in rows[rank::world]])
     tags = [tokenizer.encode(t, add_special_tokens=False) for t in ("<tool_call>", "<response>")]
@@ -385,8 +385,8 @@ def greedy(model, tokenizer, rows, max_new_tokens, args):
     with torch.autocast(model.device.type, torch.bfloat16, enabled=args.precision == "bf16"):  # before = after
         generate(model, tokenizer, sorted(rollouts, key=lambda r: r.prompt_len), max_new_tokens, 0.0,
                  batch_size=args.gen_batch_size, watch=choice)
-    odds = [next((w[0] - w[1] for k, (t, w) in enumerate(zip(r.completion_ids, r.watched))
-                  if t in choice and "</think>" in tokenizer.decode(r.completion_ids[:k])), None) for r in rollouts]
+    odds = [next((w[0] - w[1] for k, (t, w) in enumerate(zip(r.completion_ids, r.watched)) if t in choice and
+                  tokenizer.decode(r.completion_ids[:k]).count("think>") % 2 == 0), None) for r in rollouts]
     out = gather(list(zip([tokenizer.decode(r.completion_ids).split(tokenizer.eos_token)[0] for r in rollouts], odds)))
     return [out[i % world][i // world] for i in range(len(rows))]
 

@@ -313,10 +313,11 @@ def test_greedy_batches_by_length_but_returns_rows_in_order(monkeypatch):
     assert [t.strip() for t, _ in texts] == [str(n) for n in lengths]  # EOS cut, each row its own answer
 
 
-def test_call_logodds_are_read_at_the_first_pick_after_think_and_ranked_by_auc(monkeypatch, tmp_path):
-    """greedy() reads log p(<tool_call>) - log p(<response>) where a completion first picks one of the two after
-    </think> (a bare "tool" token inside <think> does not count; no pick: None); evaluate() reports how well those
-    log-odds rank the prompts that need a call above the others (call_auc) and writes each with its prediction."""
+def test_call_logodds_are_read_at_the_first_pick_outside_think_and_ranked_by_auc(monkeypatch, tmp_path):
+    """greedy() reads log p(<tool_call>) - log p(<response>) where a completion first picks one of the two outside
+    <think> (a bare "tool" token inside <think> does not count; no <think> at all: its first pick; no pick: None);
+    evaluate() reports how well those log-odds rank the prompts that need a call above the others (call_auc) and
+    writes each with its prediction."""
     import types
 
     import algos.grpo_toolrl as g
@@ -325,7 +326,8 @@ def test_call_logodds_are_read_at_the_first_pick_after_think_and_ranked_by_auc(m
     call, reply = '<tool_call>\n{"name": "area", "parameters": {"base": 10}}\n</tool_call>', "<response>ok</response>"
     rows = {"a": ("<think>tool</think>\n" + call, 0, call), "b": ("<think>x</think>\n" + reply, -20, reply),
             "c": ("no tags at all", 0, call), "d": ("<think>y</think>\n" + reply, 5, reply),
-            "e": ("<think>w</think>\n" + call, 10, call)}  # name: (completion, offset of its log-odds, reference)
+            "e": ("<think>w</think>\n" + call, 10, call), "f": (call, 30, reply), "g": ("<think>" + call, 0, call)}
+    # name: (completion, offset of its log-odds, reference); g never closes its <think>
 
     def fake_generate(model, tokenizer, rollouts, max_new_tokens, temperature, batch_size=None, watch=()):
         for r in rollouts:
@@ -339,12 +341,13 @@ def test_call_logodds_are_read_at_the_first_pick_after_think_and_ranked_by_auc(m
     picks = {k: [i for i, t in enumerate(tok.encode(v[0], add_special_tokens=False)) if t in choice] for k, v in
              rows.items()}
     assert picks["a"][:2] == [3, 9] and all(picks[k][0] == 9 for k in "bde") and not picks["c"]  # a: "tool" in <think>
-    want = [9 + v[1] if picks[k] else None for k, v in rows.items()]  # the pick after </think> is token 9 in each
+    assert picks["f"][0] == 1  # f: no <think>, "<" then "tool"
+    want = [9 + v[1] for v in list(rows.values())[:2]] + [None, 14, 19, 31, None]  # the pick after </think>: token 9
     heldout = [{"id": k, "tools": TOOLS, "dialogue": [{"role": "user", "content": f"ask {k}"}],
                 "ground_truth": "<think>.</think>\n" + v[2]} for k, v in rows.items()]
     out, rewards = g.evaluate(types.SimpleNamespace(device=torch.device("cpu")), tok, [], heldout, Args(),
                               tmp_path / "predictions.jsonl")
-    assert want == [9, -11, None, 14, 19]
-    assert out["heldout/call_auc"] == 0.75  # calls 9, 19 against no-calls -11, 14: 3 of 4 pairs in order
+    assert out["heldout/call_auc"] == 0.5  # calls 9, 19 against no-calls -11, 14, 31: 3 of 6 pairs in order
     saved = [json.loads(x) for x in (tmp_path / "heldout_predictions.jsonl").read_text().splitlines()]
-    assert [x["call_logodds"] for x in saved] == want and out["heldout/call_decision"] == 0.8  # c: no call
+    assert [x["call_logodds"] for x in saved] == want == [9, -11, None, 14, 19, 31, None]
+    assert out["heldout/call_decision"] == 5 / 7  # all but c (no call, one needed) and f (a call, none needed)
