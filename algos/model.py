@@ -213,7 +213,7 @@ def generate(model, tokenizer, rollouts, max_new_tokens, temperature=1.0, stop=(
     1), at a stop string in its new text, or at the length limit. temperature=0: greedy (log-probs at temperature 1).
     keep_cache: each rollout keeps its keys/values (Rollout.cache), so its next turn, after append_tokens, prefills only
     the tokens added since (multi-turn; the same up to float rounding); the caller sets cache = None when it is done.
-    watch: token ids whose log-probs (as logprobs') each sampled token appends to Rollout.watched (a decision's odds).
+    watch: token ids whose log-probs (the distribution of logprobs) go to Rollout.watched at each sampled token.
     Padding costs compute, so the prefill runs in chunks of similar length (whole prefix groups, <= prefill_tokens
     padded tokens each) and finished rows leave the decoding batch (once a quarter of it has finished)."""
     gathered(model)  # before any early return: every process makes the same collectives
