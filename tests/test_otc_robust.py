@@ -128,7 +128,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert 0 <= saved <= 1
     resumed = script(*flags, "--runs-dir", str(tmp_path / "cut"), "--resume", str(run), "--eval-before", "true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "other than in args.json" in resumed.stderr and "eval_before" in resumed.stderr  # names the change
+    assert "other arguments than its args.json" in resumed.stderr and "'eval_before': (False, True)" in \
+        resumed.stderr  # names the change
     assert full.wait(180) == 0, (tmp_path / "full.err").read_text()[-3000:]
     want, got = metrics(next((tmp_path / "full").glob("r__1__*"))), metrics(run)
     assert [r["step"] for r in got] == list(range(3)) and set(got[-1]) == set(want[-1])
