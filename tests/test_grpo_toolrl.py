@@ -342,12 +342,12 @@ def test_call_logodds_are_read_at_the_first_pick_outside_think_and_ranked_by_auc
              rows.items()}
     assert picks["a"][:2] == [3, 9] and all(picks[k][0] == 9 for k in "bde") and not picks["c"]  # a: "tool" in <think>
     assert picks["f"][0] == 1  # f: no <think>, "<" then "tool"
-    want = [9 + v[1] for v in list(rows.values())[:2]] + [None, 14, 19, 31, None]  # the pick after </think>: token 9
+    want = [9, -11, None, 14, 19, 31, None]  # pick token 9 (f: 1) + the row's offset; c and g have no pick
     heldout = [{"id": k, "tools": TOOLS, "dialogue": [{"role": "user", "content": f"ask {k}"}],
                 "ground_truth": "<think>.</think>\n" + v[2]} for k, v in rows.items()]
     out, rewards = g.evaluate(types.SimpleNamespace(device=torch.device("cpu")), tok, [], heldout, Args(),
                               tmp_path / "predictions.jsonl")
     assert out["heldout/call_auc"] == 0.5  # calls 9, 19 against no-calls -11, 14, 31: 3 of 6 pairs in order
     saved = [json.loads(x) for x in (tmp_path / "heldout_predictions.jsonl").read_text().splitlines()]
-    assert [x["call_logodds"] for x in saved] == want == [9, -11, None, 14, 19, 31, None]
+    assert [x["call_logodds"] for x in saved] == want
     assert out["heldout/call_decision"] == 5 / 7  # all but c (no call, one needed) and f (a call, none needed)
