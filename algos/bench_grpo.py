@@ -68,6 +68,7 @@ class Args:
     before_commit: str = arg("e365580", "commit of the `before` path")
     trl_micro_batch: int = arg(2, "TRL per_device_train_batch_size (8 ran out of 24 GB on the README's CPU)", low=1)
     trl_checkpointing: bool = arg(False, "TRL gradient_checkpointing (its default is on)")
+    trl_bf16: bool = arg(False, "TRL bf16=True (mixed precision, as now_bf16; on a CPU only with bf16 instructions)")
     runs_dir: str = arg("runs", "folder that receives the run folder (and the paths' own runs)")
 
     def __post_init__(self):
@@ -99,7 +100,8 @@ def grpo_command(args, script, exp_name, runs_dir, empty_eval, extra=()):
 
 def run_measured(cmd, cwd, log_path):
     """Run a command to completion; (exit code, wall seconds, peak RSS in GB of that process and its children)."""
-    env = {**os.environ, "MODEL_CACHE": str(CACHE), "PYTHONPATH": str(cwd)}
+    env = {**os.environ, "MODEL_CACHE": str(CACHE),  # cwd's code first; a PYTHONPATH given (trl elsewhere) after it
+           "PYTHONPATH": os.pathsep.join([str(cwd)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
     start = time.time()
     with open(log_path, "w") as log:
@@ -147,7 +149,7 @@ def trl_config(args, out_dir):
         num_generations=args.group_size, max_completion_length=args.max_new_tokens, learning_rate=args.lr, beta=0.0,
         temperature=1.0, loss_type="grpo", max_steps=args.steps * args.num_minibatches, logging_steps=1,
         save_strategy="no", report_to=[], seed=args.seed, gradient_checkpointing=args.trl_checkpointing,
-        use_cpu=not _has_cuda(), bf16=False, fp16=False)
+        use_cpu=not _has_cuda(), bf16=args.trl_bf16, fp16=False)
 
 
 def trl_worker(args, out_dir):
