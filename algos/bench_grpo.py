@@ -101,7 +101,7 @@ def grpo_command(args, script, exp_name, runs_dir, empty_eval, extra=()):
 def run_measured(cmd, cwd, log_path):
     """Run a command to completion; (exit code, wall seconds, peak RSS in GB of that process and its children)."""
     env = {**os.environ, "MODEL_CACHE": str(CACHE),  # cwd's code first; a PYTHONPATH given (trl elsewhere) after it
-           "PYTHONPATH": os.pathsep.join([str(cwd)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))}
     env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
     start = time.time()
     with open(log_path, "w") as log:

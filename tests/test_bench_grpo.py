@@ -1,12 +1,13 @@
 """algos/bench_grpo.py: the table's arithmetic and one path end to end on the tiny model."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from algos.bench_grpo import Args, step_times, summarize, trl_config
+from algos.bench_grpo import Args, run_measured, step_times, summarize, trl_config
 from algos.model import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,15 @@ def test_step_times_skip_a_line_cut_short(tmp_path):
     path.write_text(json.dumps({"step": 0, "time/generate_s": 3.5, "time/train_s": 4.0}) + "\n"
                     + '{"step": 1, "time/generate_s": 2.')  # the process died while writing step 1
     assert step_times(path) == [(3.5, 4.0)]
+
+
+def test_a_path_runs_its_own_code_first_then_a_given_pythonpath(tmp_path, monkeypatch):
+    # `before` runs an older checkout from its folder; a trl installed with `pip --target DIR` is found through DIR
+    show, log = [sys.executable, "-c", "import os; print(os.environ['PYTHONPATH'])"], tmp_path / "log"
+    monkeypatch.setenv("PYTHONPATH", "/x")
+    assert run_measured(show, tmp_path, log)[0] == 0 and log.read_text().strip() == f"{tmp_path}{os.pathsep}/x"
+    monkeypatch.delenv("PYTHONPATH")
+    assert run_measured(show, tmp_path, log)[0] == 0 and log.read_text().strip() == str(tmp_path)
 
 
 def test_bench_smoke_tiny(tmp_path):
