@@ -178,8 +178,7 @@ def parse_tool_calls(text):
 
 # ---------------------------------------------------------------- the ToolRL reward (pure functions)
 def format_reward(completion: str, ground_truth: str, max_reward=1.0, min_reward=0.0) -> float:
-    """max_reward when the completion has exactly the blocks of the ground truth (think, then tool_call and/or
-    response, one newline apart, each tag once), else min_reward."""
+    """max_reward if the completion is the ground truth's blocks (<think> first), one newline apart, else min_reward."""
     text, call, reply = completion.strip(), "<tool_call>" in ground_truth, "<response>" in ground_truth
     tags = ["think"] + ["tool_call"] * call + ["response"] * reply
     pattern = r"<think>.*?</think>" + r"\n<tool_call>\n.*?\n</tool_call>" * call + r"\n<response>.*?</response>" * reply
@@ -444,11 +443,12 @@ def micro_batches(data, rows, args):
 
 
 def _logprobs(model, data, mb, args):
-    """(b, width) fp32 log-probs of rows mb, padding trimmed, a shared prompt once, under --precision's autocast."""
+    """(b, width) fp32 log-probs of rows mb at loss_mask tokens (else 0), padding trimmed, a shared prompt once."""
     width = int(data["attention_mask"][mb].sum(1).max())
-    with torch.autocast(data["input_ids"].device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        return sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
-                                 args.temperature, share_prefix=args.shared_prefix, checkpointing=args.checkpointing)
+    ids, attn, mask = (data[k][mb, :width] for k in ("input_ids", "attention_mask", "loss_mask"))  # (b, width) each
+    with torch.autocast(ids.device.type, torch.bfloat16, enabled=args.precision == "bf16"):  # --precision bf16
+        return sequence_logprobs(model, ids, attn, args.temperature, share_prefix=args.shared_prefix,
+                                 checkpointing=args.checkpointing, loss_mask=mask)
 
 
 @torch.no_grad()

@@ -382,19 +382,25 @@ def _shared_forward(model, seqs, group, shared, device, cached=None):
     return h_pre, ids, h_row, attn, rows, (idx, s)
 
 
-def _head_logprobs(model, hidden, targets, temperature, return_entropy):
-    """[log-probs, entropies or None] of targets (...) from hidden states (..., H): no [N, V] tensor without entropy."""
-    head, h, y = model.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    if return_entropy or head.bias is not None:
-        return [x.view(targets.shape) for x in token_logprobs(head(h), y, temperature, return_entropy=True)]
-    return [linear_token_logprobs(h, head.weight, y, temperature).view(targets.shape), None]
+def _head_logprobs(model, hidden, targets, temperature, return_entropy, keep=None):
+    """[log-probs, entropies or None] of targets (...) from hidden states (..., H): no [N, V] tensor without entropy.
+    keep: a bool mask like targets; only those positions go through the LM head, the others are 0."""
+    head, keep = model.get_output_embeddings(), torch.ones_like(targets, dtype=torch.bool) if keep is None else keep
+    h, y, out = hidden[keep], targets[keep], [torch.zeros(targets.shape, device=targets.device)] * 2  # (n, H), (n,)
+    if len(y) and (return_entropy or head.bias is not None):
+        out = [x.index_put((keep,), v) for x, v in zip(out, token_logprobs(head(h), y, temperature, True))]
+    elif len(y):
+        out[0] = out[0].index_put((keep,), linear_token_logprobs(h, head.weight, y, temperature))
+    return out if return_entropy else [out[0], None]
 
 
 def sequence_logprobs(model, input_ids, attention_mask, temperature=1.0, return_entropy=False, share_prefix=True,
-                      checkpointing=False):
+                      checkpointing=False, loss_mask=None):
     """(B, T) fp32, differentiable: position t holds log p(token t | tokens < t) (0 at t = 0), through the fused LM-head
     kernel (no [B*T, V] logits). return_entropy: also (B, T) entropies. share_prefix: shared_prefix_logprobs when rows
-    share prefixes (>= 10% of tokens). checkpointing: per decoder layer (less memory, a second forward pass)."""
+    share prefixes (>= 10% of tokens). checkpointing: per decoder layer (less memory, a second forward pass).
+    loss_mask (B, T): only its nonzero positions go through the LM head (0 elsewhere): a GRPO step skips the prompts'
+    positions, ~half the head's work (TRL's logits_to_keep does the same for the completion's span)."""
     gathered(model)
     layers, n = list(model.base_model.layers) if checkpointing else [], attention_mask.sum(1)
     for layer in layers:  # each decoder layer keeps only its inputs and recomputes the rest in backward
@@ -403,17 +409,18 @@ def sequence_logprobs(model, input_ids, attention_mask, temperature=1.0, return_
         if share_prefix and bool((attention_mask == (torch.arange(attention_mask.shape[1]).to(n) < n[:, None])).all()):
             group, shared = prefix_groups([r[:k] for r, k in zip(input_ids.tolist(), n.tolist())])
             if sum(shared[g] for g in group) - sum(shared) >= 0.1 * float(n.sum()):
-                return shared_prefix_logprobs(model, input_ids, attention_mask, temperature, return_entropy)
+                return shared_prefix_logprobs(model, input_ids, attention_mask, temperature, return_entropy, loss_mask)
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        out = [x if x is None else torch.nn.functional.pad(x, (1, 0)) * attention_mask for x in _head_logprobs(
-            model, hidden[:, :-1], input_ids[:, 1:], temperature, return_entropy)]
+        keep = attention_mask[:, 1:] != 0 if loss_mask is None else (attention_mask * loss_mask)[:, 1:] != 0
+        out = [x if x is None else torch.nn.functional.pad(x, (1, 0)) for x in _head_logprobs(
+            model, hidden[:, :-1], input_ids[:, 1:], temperature, return_entropy, keep)]
         return tuple(out) if return_entropy else out[0]
     finally:
         for layer in layers:
             del layer.forward
 
 
-def shared_prefix_logprobs(model, input_ids, attention_mask, temperature=1.0, return_entropy=False):
+def shared_prefix_logprobs(model, input_ids, attention_mask, temperature=1.0, return_entropy=False, loss_mask=None):
     """sequence_logprobs for right-padded rows that share prefixes (prefix_groups): each prefix runs once, its keys and
     values serve all its rows, and autograd adds their gradients: the same log-probs and gradients, up to rounding."""
     gathered(model)
@@ -425,12 +432,14 @@ def shared_prefix_logprobs(model, input_ids, attention_mask, temperature=1.0, re
     # log-probs: positions 1..s-1 once per group; from s on per row (the prefix's last state predicts token s)
     h_row = torch.cat([h_pre[idx, s[:, 0] - 1][:, None], h_row[:, :-1]], 1)  # (B, W, H): k predicts token s + k
     pre_ids = input_ids[[group.index(g) for g in range(len(shared))], 1:S]  # (G, S-1)
-    pre = _head_logprobs(model, h_pre[:, :-1], pre_ids, temperature, return_entropy)  # (G, S-1)
-    row = _head_logprobs(model, h_row, own, temperature, return_entropy)  # (B, W)
     t = torch.arange(T, device=device)
     src = torch.where(t < s, t - 1, S - 1 + t - s).clamp(0, S + W - 2)  # (B, T): position t's column in [pre | row]
-    valid = (t >= 1) & (t < lengths[:, None])
-    out = [torch.where(valid, torch.cat([p[idx], r], 1).gather(1, src), 0.0) for p, r in zip(pre, row) if r is not None]
+    need = (t >= 1) & (t < lengths[:, None]) & (True if loss_mask is None else loss_mask != 0)  # (B, T)
+    cols = torch.zeros(len(seqs), S - 1 + W, device=device).scatter_add_(1, src, need.float())  # (B, S-1+W) > 0: wanted
+    keep_pre = torch.zeros(len(shared), S - 1, device=device).index_add_(0, idx, cols[:, :S - 1]) > 0  # any row's
+    pre = _head_logprobs(model, h_pre[:, :-1], pre_ids, temperature, return_entropy, keep_pre)  # (G, S-1)
+    row = _head_logprobs(model, h_row, own, temperature, return_entropy, cols[:, S - 1:] > 0)  # (B, W)
+    out = [torch.where(need, torch.cat([p[idx], r], 1).gather(1, src), 0.0) for p, r in zip(pre, row) if r is not None]
     return tuple(out) if return_entropy else out[0]
 
 

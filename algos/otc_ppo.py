@@ -394,14 +394,15 @@ def micro_batches(data, rows, args):
 
 
 def _logprobs(model, value_head, data, mb, args, entropy=False):
-    """(logp, values, entropy) of rows mb, each (b, width) fp32, padding trimmed; t: about token t (0 at t = 0); a
-    GRPO group's prompt once. values (None without a head): the head on the trunk's state before token t (hook)."""
+    """(logp, values, entropy) of rows mb, each (b, width) fp32, padding trimmed; t: about token t (logp, entropy: 0 off
+    the loss_mask); a GRPO group's prompt once. values (None without a head): the head on the trunk's state before t."""
     width, hidden = int(data["attention_mask"][mb].sum(1).max()), []
     hook = value_head and model.base_model.register_forward_hook(lambda m, i, o: hidden.append(o.last_hidden_state))
     try:  # --precision bf16: the trunk and LM head under autocast, fp32 log-probs out; the value head stays fp32
         with torch.autocast(data["input_ids"].device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             out = sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
-                                    args.temperature, entropy, share_prefix=args.shared_prefix)  # (b, width) each
+                                    args.temperature, entropy, share_prefix=args.shared_prefix,
+                                    loss_mask=data["loss_mask"][mb, :width])  # (b, width) each
     finally:
         _ = hook and hook.remove()
     h = hidden and (hidden[0] if args.value_grad_to_trunk else hidden[0].detach())[:, :-1].float()  # (b, width - 1, H)

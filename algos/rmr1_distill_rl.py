@@ -352,11 +352,12 @@ def micro_batches(data, rows, args):
 
 
 def _logprobs(model, data, mb, args):
-    """(b, width) fp32 log-probs of rows mb, padding trimmed, a shared prompt once, under --precision's autocast."""
+    """(b, width) fp32 log-probs of rows mb at loss_mask tokens (else 0), padding trimmed, a shared prompt once."""
     width = int(data["attention_mask"][mb].sum(1).max())
-    with torch.autocast(data["input_ids"].device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        return sequence_logprobs(model, data["input_ids"][mb, :width], data["attention_mask"][mb, :width],
-                                 args.temperature, share_prefix=args.shared_prefix, checkpointing=args.checkpointing)
+    ids, attn, mask = (data[k][mb, :width] for k in ("input_ids", "attention_mask", "loss_mask"))  # (b, width) each
+    with torch.autocast(ids.device.type, torch.bfloat16, enabled=args.precision == "bf16"):  # --precision bf16
+        return sequence_logprobs(model, ids, attn, args.temperature, share_prefix=args.shared_prefix,
+                                 checkpointing=args.checkpointing, loss_mask=mask)
 
 
 @torch.no_grad()

@@ -317,8 +317,8 @@ def tokenize(tokenizer, rows, max_len):
 
 def nll_sum(model, batch):
     """Summed next-token NLL over loss_mask tokens (assistant tokens and their end-of-turn), and the token count."""
-    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
-    mask = batch["loss_mask"]
+    mask = batch["loss_mask"]  # the LM head runs only at these positions
+    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], loss_mask=mask)  # (B, T)
     return -(logp * mask).sum(), mask.sum()
 
 

@@ -165,30 +165,40 @@ def test_prefill_chunks_keep_groups_whole_and_sort_by_length():
 
 def test_shared_prefix_training_is_exact(tiny):
     """shared_prefix_logprobs (each prompt forward once, its keys/values serving the group) gives the log-probs,
-    entropies and parameter gradients of the row-by-row computation, fp32; with activation checkpointing too."""
+    entropies and parameter gradients of the row-by-row computation, fp32; with activation checkpointing too; and with
+    a loss_mask (the LM head only at its positions, 0 elsewhere), also one that covers part of a shared prefix."""
     model, tokenizer = tiny
     rollouts = _two_turn_rollouts(model, tokenizer, 1.0, share_prefix=True)
     batch = collate(rollouts, tokenizer.pad_token_id)
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     assert len({r.prompt_len for r in rollouts}) == 3 and len({len(r.token_ids) for r in rollouts}) > 3
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(0))
+    in_prompt = mask.clone()
+    in_prompt[3::2, 2:6] = 1.0  # rows 3, 5 and 7 also want prompt positions, which their group's prefix computes once
+    assert (in_prompt - mask).sum() == 12 and rollouts[3].prompt_len > 6 and rollouts[7].prompt_len > 6
 
-    def run(fn, **kwargs):
+    def run(fn, m, **kwargs):
         copy = load_model("tiny", device="cpu")[0]
         logp, ent = fn(copy, ids, attn, temperature=0.7, return_entropy=True, **kwargs)
-        ((logp * weights + 0.1 * ent) * mask).sum().backward()
-        return logp * mask, ent * mask, [p.grad for p in copy.parameters()]
+        ((logp * weights + 0.1 * ent) * m).sum().backward()
+        if "loss_mask" in kwargs:  # nothing outside the loss_mask
+            assert not logp[m == 0].any() and not ent[m == 0].any()
+        return logp * m, ent * m, [p.grad for p in copy.parameters()]
 
-    reference = run(sequence_logprobs, share_prefix=False)
-    for fn, kwargs in [(shared_prefix_logprobs, {}), (sequence_logprobs, {"checkpointing": True})]:
-        logp, ent, grads = run(fn, **kwargs)
-        torch.testing.assert_close(logp, reference[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ent, reference[1], rtol=1e-5, atol=1e-5)
-        for g, g_ref in zip(grads, reference[2]):
-            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    for m in (mask, in_prompt):
+        reference = run(sequence_logprobs, m, share_prefix=False)
+        for fn, kwargs in [(shared_prefix_logprobs, {}), (sequence_logprobs, {"checkpointing": True}),
+                           (shared_prefix_logprobs, {"loss_mask": m}), (sequence_logprobs, {"share_prefix": False,
+                                                                                            "loss_mask": m})]:
+            logp, ent, grads = run(fn, m, **kwargs)
+            torch.testing.assert_close(logp, reference[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ent, reference[1], rtol=1e-5, atol=1e-5)
+            for g, g_ref in zip(grads, reference[2]):
+                torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
     # the log-probs are those the sampler recorded (temperature 1 there): the exact path also serves ratio == 1
     with torch.no_grad():
         logp = shared_prefix_logprobs(model, ids, attn)
+        assert torch.equal(shared_prefix_logprobs(model, ids, attn, loss_mask=mask), logp * mask)
     torch.testing.assert_close(logp * mask, batch["sample_logp"], rtol=1e-4, atol=1e-4)
 
 
