@@ -178,7 +178,7 @@ def parse_tool_calls(text):
 
 # ---------------------------------------------------------------- the ToolRL reward (pure functions)
 def format_reward(completion: str, ground_truth: str, max_reward=1.0, min_reward=0.0) -> float:
-    """max_reward if the completion is the ground truth's blocks (<think> first), one newline apart, else min_reward."""
+    """max_reward if the completion is the ground truth's blocks (<think> first), each tag once, else min_reward."""
     text, call, reply = completion.strip(), "<tool_call>" in ground_truth, "<response>" in ground_truth
     tags = ["think"] + ["tool_call"] * call + ["response"] * reply
     pattern = r"<think>.*?</think>" + r"\n<tool_call>\n.*?\n</tool_call>" * call + r"\n<response>.*?</response>" * reply

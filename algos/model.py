@@ -411,7 +411,7 @@ def sequence_logprobs(model, input_ids, attention_mask, temperature=1.0, return_
             if sum(shared[g] for g in group) - sum(shared) >= 0.1 * float(n.sum()):
                 return shared_prefix_logprobs(model, input_ids, attention_mask, temperature, return_entropy, loss_mask)
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        keep = attention_mask[:, 1:] != 0 if loss_mask is None else (attention_mask * loss_mask)[:, 1:] != 0
+        keep = (attention_mask if loss_mask is None else attention_mask * loss_mask)[:, 1:] != 0  # (B, T-1)
         out = [x if x is None else torch.nn.functional.pad(x, (1, 0)) for x in _head_logprobs(
             model, hidden[:, :-1], input_ids[:, 1:], temperature, return_entropy, keep)]
         return tuple(out) if return_entropy else out[0]
