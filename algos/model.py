@@ -6,7 +6,8 @@
 - `encode_chat`: token ids of a conversation and its `loss_mask` (1 on assistant tokens and their end-of-turn token).
 - `Rollout`, `start_rollouts`, `generate`, `append_tokens`, `collate`: RL sampling, tool output in between (mask 0);
   `sequence_logprobs`: differentiable per-token log-probs through the fused kernels (no [N, V] fp32 tensor). Both
-  run a prefix shared by several rows once (a GRPO group's prompt; exact, gradients included).
+  run a prefix shared by several rows once (a GRPO group's prompt; exact, gradients included); the LM head runs only
+  at a given loss_mask's positions.
 - `ChatClient`: one interface for LLM roles: a local model or any OpenAI-compatible `/v1/chat/completions` endpoint.
 - `arg`/`parse_args` (checks declared on each field, run at parse time), `RunLogger` (run folder; `save`/`restore` a
   resumable checkpoint), `save_checkpoint`, `FiniteGuard` (skips non-finite steps): the plumbing every script shares.
