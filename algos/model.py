@@ -622,7 +622,9 @@ def distributed():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        atexit.register(lambda: (_PARALLEL.clear(), dist.destroy_process_group()))  # else exit may abort
+        # at exit, while Python still runs: drop the DDP wrappers and the group, then let Gloo's worker threads release
+        # finished collectives (their tensors need the GIL; one released during finalization aborts the process)
+        atexit.register(lambda: (_PARALLEL.clear(), dist.destroy_process_group(), time.sleep(0.2)))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
