@@ -383,10 +383,10 @@ def _shared_forward(model, seqs, group, shared, device, cached=None):
     return h_pre, ids, h_row, attn, rows, (idx, s)
 
 
-def _head_logprobs(model, hidden, targets, temperature, return_entropy, keep=None):
+def _head_logprobs(model, hidden, targets, temperature, return_entropy, keep):
     """[log-probs, entropies or None] of targets (...) from hidden states (..., H): no [N, V] tensor without entropy.
     keep: a bool mask like targets; only those positions go through the LM head, the others are 0."""
-    head, keep = model.get_output_embeddings(), torch.ones_like(targets, dtype=torch.bool) if keep is None else keep
+    head = model.get_output_embeddings()
     h, y, out = hidden[keep], targets[keep], [torch.zeros(targets.shape, device=targets.device)] * 2  # (n, H), (n,)
     if len(y) and (return_entropy or head.bias is not None):
         out = [x.index_put((keep,), v) for x, v in zip(out, token_logprobs(head(h), y, temperature, True))]
